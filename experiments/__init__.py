@@ -1,0 +1,1 @@
+"""absl experiment binaries: flags -> dlcore calls -> table, plots and JSON in --workdir."""
