@@ -53,7 +53,8 @@ def gradients(model, variables, inputs, upstream_key, *, train: bool = False) ->
   """Backpropagates a unit-Gaussian upstream gradient g from the output (loss = sum(output * g)).
 
   Returns, per layer in call order, {'name', 'grad': dL/d(post-activation), 'weight_grad': dL/d(kernel)}.
-  Uses flax `perturb`: dL/d(perturbation) is dL/d(post).
+  Uses flax `perturb`: dL/d(perturbation) is dL/d(post). Gradient trees come back with sorted keys
+  ('layer10' before 'layer2'), so the order is taken from an un-jitted forward pass.
   """
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))["perturbations"]
   perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -67,10 +68,11 @@ def gradients(model, variables, inputs, upstream_key, *, train: bool = False) ->
 
   param_grads, act_grads = jax.grad(loss, argnums=(0, 1))(variables["params"], perturbations)
   flat_params = traverse_util.flatten_dict(param_grads)
-  result = []
+  by_name = {}
   for path, grad in traverse_util.flatten_dict(act_grads).items():
     module = path[:-1]
     kernels = [g for p, g in flat_params.items() if p[:len(module)] == module and p[-1] == "kernel"]
-    result.append({"name": "/".join(module), "grad": grad,
-                   "weight_grad": kernels[0] if len(kernels) == 1 else None})
-  return result
+    by_name["/".join(module)] = {"name": "/".join(module), "grad": grad,
+                                 "weight_grad": kernels[0] if len(kernels) == 1 else None}
+  call_order = [layer["name"] for layer in activations(model, variables, inputs, train=train)]
+  return [by_name[name] for name in call_order if name in by_name]

@@ -98,6 +98,19 @@ def test_gradients_match_numpy_backprop():
     d_post = d_pre @ kernels[i].T
 
 
+def test_gradients_come_back_in_layer_order_beyond_ten_layers():
+  # Sorted keys would put 'layer10' before 'layer2'; in call order the last layer's activation gradient is
+  # exactly the upstream gradient.
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  model = models.MLP(hidden=(16,) * 12, num_classes=0, activation="tanh", initializer="normal", init_scale=1.0,
+                     use_bias=False)
+  variables = models.init_variables(model, jax.random.key(1), x)
+  grads = stats.gradients(model, variables, x, jax.random.key(2))
+  assert [g["name"] for g in grads] == [f"layer{i}" for i in range(12)]
+  upstream = jax.random.normal(jax.random.key(2), (64, 16))
+  np.testing.assert_allclose(grads[-1]["grad"], upstream)
+
+
 def test_summarize_and_saturation_against_numpy():
   x = np.random.default_rng(0).standard_normal((100, 7))
   s = stats.summarize(x)
