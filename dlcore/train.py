@@ -41,7 +41,7 @@ def make_train_step(loss: str = "cross_entropy", penalty: str = "none", penalty_
     grads, (logits, batch_stats, data_loss, reg) = jax.grad(objective, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": data_loss, "penalty": reg, "total_loss": data_loss + reg,
-               "accuracy": losses.accuracy(logits, batch["label"]), "grad_norm": optax.global_norm(grads)}
+               "accuracy": losses.accuracy(logits, batch["label"]), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return train_step
