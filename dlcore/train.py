@@ -19,9 +19,12 @@ Metrics = dict[str, jax.Array]
 
 
 def make_train_step(loss: str = "cross_entropy", penalty: str = "none", penalty_strength: float = 0.0,
-                    l1_ratio: float = 0.5, **loss_kwargs) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+                    l1_ratio: float = 0.5, augment: Callable | None = None,
+                    **loss_kwargs) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
   """Builds the step for data loss `loss` plus `penalty_strength` * penalty (on weights only).
 
+  `augment(key, images) -> images` (see dlcore.data.augment) runs inside the compiled step, on device, with a
+  key folded from the state's, so augmentation is as reproducible as dropout.
   Metrics: 'loss' (data loss), 'penalty', 'total_loss', 'accuracy', 'grad_norm' -- means over the batch.
   """
   loss_fn = losses.get(loss)
@@ -29,10 +32,11 @@ def make_train_step(loss: str = "cross_entropy", penalty: str = "none", penalty_
   checks.non_negative("penalty_strength", penalty_strength)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-    dropout_key = jax.random.fold_in(state.rng, state.step)
+    dropout_key, augment_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    images = batch["image"] if augment is None else augment(augment_key, batch["image"])
 
     def objective(params):
-      logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+      logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
                                        train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
       data_loss = loss_fn(logits, batch["label"], **loss_kwargs)
       reg = losses.penalty(penalty, params, penalty_strength, l1_ratio)
@@ -60,7 +64,9 @@ def make_eval_step(loss: str = "cross_entropy", **loss_kwargs) -> Callable[[Trai
     mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
     per_example = jax.vmap(lambda l, y: loss_fn(l[None], y[None], **loss_kwargs))(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    real = mask > 0  # padded rows contribute nothing, even if their label makes the loss NaN
+    return {"loss_sum": jnp.sum(jnp.where(real, per_example, 0.0)), "correct": jnp.sum(jnp.where(real, correct, 0.0)),
+            "count": jnp.sum(real.astype(jnp.float32))}
 
   return eval_step
 
