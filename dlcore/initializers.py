@@ -122,7 +122,15 @@ def lsuv_rescale(apply_fn, variables, inputs, *, tol: float = 0.01, max_iters: i
   forward = jax.jit(lambda v: apply_fn(v, inputs, capture_intermediates=_is_linear,
                                        mutable=["intermediates"], **apply_kwargs)[1]["intermediates"])
   params = traverse_util.flatten_dict(variables["params"])
-  layer_paths = [path[:-1] for path in traverse_util.flatten_dict(forward(variables)) if path[-1] == "__call__"]
+  # Layers in call order, recorded while tracing: jit returns dicts with sorted keys ('classifier' before
+  # 'layer0', 'layer10' before 'layer2'), so the output's key order is not "first layer first".
+  layer_paths = []
+  def record(module, method_name):
+    if _is_linear(module, method_name) and module.path not in layer_paths:
+      layer_paths.append(module.path)
+    return False
+  jax.eval_shape(lambda v: apply_fn(v, inputs, capture_intermediates=record, mutable=["intermediates"],
+                                    **apply_kwargs), variables)
   for path in layer_paths:
     for _ in range(max_iters):
       variables = {**variables, "params": traverse_util.unflatten_dict(params)}
