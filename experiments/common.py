@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from absl import flags
+from absl import logging
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to PNG files
@@ -53,3 +55,9 @@ def format_table(header: list[str], rows: list[list]) -> str:
   lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def quiet_logs() -> None:
+  """Keeps absl INFO lines (orbax writes many per checkpoint) out of the progress output unless -v is given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -1,0 +1,52 @@
+"""Metric records: one JSON line per logged step in `metrics.jsonl`, mirrored to TensorBoard event files."""
+
+import json
+import os
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends {'step', 'split', **metrics} records; `enabled=False` (processes other than 0) writes nothing."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in metrics.items():
+      self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+    self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step`: a resumed run re-logs what came after its checkpoint."""
+    if self.enabled and os.path.exists(self.path):
+      kept = [r for r in read(self.path) if r["step"] <= step]
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(self.path + ".tmp", self.path)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file; a torn last line (a killed run) is skipped."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

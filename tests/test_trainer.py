@@ -1,0 +1,182 @@
+"""The general trainer: outputs, resume after SIGKILL, workdir safety, early stopping, NaN guard, ensembles."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dlcore import checkpoint, data, ensemble, loop, optim, state as state_lib, train
+from experiments import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--dataset=synthetic", "--model=mlp", "--hidden=64", "--batch_size=64", "--learning_rate=0.05",
+        "--schedule=constant", "--log_every=10"]
+
+
+def _trainer(workdir, *extra, devices=1):
+  cmd = [sys.executable, "-m", "experiments.train", *BASE, f"--workdir={workdir}", *extra]
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _final_params(workdir):
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  dataset = data.load("synthetic")
+  template = train_lib.build_state(config, dataset, dataset.train.images[:64])
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  restored, _ = ckpt.restore(template)
+  ckpt.close()
+  return restored
+
+
+def test_trainer_end_to_end_writes_every_output(tmp_path):
+  proc = _trainer(tmp_path, "--steps=90", "--eval_every=30")
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert "img/s" in out and "ETA" in out and "test accuracy" in out
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["steps"] == 90 and results["test_accuracy"] > 0.9
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "validation"] == [30, 60, 90]
+  assert [r["step"] for r in records if r["split"] == "train"] == list(range(10, 91, 10))
+  assert results["evals"][-1]["accuracy"] == [r for r in records if r["split"] == "validation"][-1]["accuracy"]
+  assert json.loads((tmp_path / "config.json").read_text())["hidden"] == [64]
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devices):
+  args = ["--steps=1200", "--eval_every=100", "--checkpoint_every=100", "--batchnorm=before", "--keep_prob=0.8"]
+  reference = _trainer(tmp_path / "reference", *args, devices=devices)
+  out, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, out
+  assert f"on {devices} device(s)" in out
+
+  killed = _trainer(tmp_path / "killed", *args, devices=devices)
+  metrics = tmp_path / "killed" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if metrics.exists() and any(json.loads(l)["step"] >= 350 for l in metrics.read_text().splitlines()[:-1]):
+      break
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it was killed"
+
+  resumed = _trainer(tmp_path / "killed", *args, devices=devices)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out
+  assert "resumed from step" in out
+  a, b = _final_params(tmp_path / "reference"), _final_params(tmp_path / "killed")
+  assert int(a.step) == int(b.step) == 1200
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    np.testing.assert_array_equal(x, y)
+  ref = json.loads((tmp_path / "reference" / "results.json").read_text())
+  res = json.loads((tmp_path / "killed" / "results.json").read_text())
+  assert ref["test_loss"] == res["test_loss"]
+  steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if json.loads(l)["split"] == "train"]
+  assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path):
+  first = _trainer(tmp_path, "--steps=5")
+  assert first.wait(timeout=120) == 0
+  clash = _trainer(tmp_path, "--steps=5", "--learning_rate=0.1")
+  out, _ = clash.communicate(timeout=120)
+  assert clash.returncode != 0 and "learning_rate: 0.05 -> 0.1" in out and "--overwrite" in out
+  over = _trainer(tmp_path, "--steps=5", "--learning_rate=0.1", "--overwrite")
+  assert over.wait(timeout=120) == 0
+  assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.1
+
+
+def test_bad_flags_fail_with_the_flag_named(tmp_path):
+  proc = _trainer(tmp_path, "--steps=5", "--batch_size=5000")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "--batch_size 5000 is larger than the training set" in out
+  proc = _trainer(tmp_path / "b", "--model=nope")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "lenet5" in out
+
+
+def _fit(tmp_path, lr, patience, steps=40, eval_every=5):
+  dataset = data.load("synthetic")
+  model = train_lib.build_model({**train_lib.DEFAULTS, "hidden": [32]}, dataset.num_classes)
+  st = state_lib.create(model, optim.optimizer("sgd", lr), dataset.train.images[:2], 0)
+  ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "ckpt"), keep=2)
+  result = loop.fit(st, jax.jit(train.make_train_step()), jax.jit(train.make_eval_step()),
+                    data.TrainBatches(dataset.train, 32), data.EvalBatches(dataset.validation, 100),
+                    loop.LoopConfig(steps, log_every=5, eval_every=eval_every, patience=patience),
+                    checkpointer=ckpt, log=lambda s: None)
+  return result, ckpt
+
+
+def test_early_stopping_restores_the_best_checkpoint(tmp_path):
+  # lr so small that accuracy cannot improve on the first evaluation: stop after `patience` more evaluations.
+  result, ckpt = _fit(tmp_path, lr=1e-9, patience=2)
+  assert result.stopped_early
+  assert [e["step"] for e in result.evals] == [5, 10, 15]
+  assert result.best_step == 5 and int(result.state.step) == 5
+  best, _ = ckpt.restore(result.state, step=5)
+  for x, y in zip(jax.tree.leaves(best.params), jax.tree.leaves(result.state.params)):
+    np.testing.assert_array_equal(x, y)
+  ckpt.close()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"at step \d+.*last good checkpoint: step"):
+    _fit(tmp_path, lr=1e12, patience=0, steps=40, eval_every=1)
+  ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "ckpt"))
+  for step in ckpt.all_steps():
+    _, meta = ckpt.restore(_fit_template(), step=step)
+    assert all(np.isfinite(e["loss"]) for e in meta["evals"])
+  ckpt.close()
+
+
+def _fit_template():
+  dataset = data.load("synthetic")
+  model = train_lib.build_model({**train_lib.DEFAULTS, "hidden": [32]}, dataset.num_classes)
+  return state_lib.create(model, optim.optimizer("sgd", 0.1), dataset.train.images[:2], 0)
+
+
+def test_snapshot_ensemble_averages_the_sgdr_cycle_ends(tmp_path):
+  config = {"dataset": "synthetic", "hidden": [32], "batch_size": 64, "steps": 60, "schedule": "sgdr",
+            "schedule_params": {"first_period": 20}, "snapshot_ensemble": True, "log_every": 20}
+  results = train_lib.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
+  members = results["ensemble"]["members"]
+  assert list(members) == ["snapshot@20", "snapshot@40", "snapshot@60"]
+  labels = data.load("synthetic").test.labels
+  probs = [np.load(tmp_path / "snapshots" / f"step_{s:08d}.npy") for s in (20, 40, 60)]
+  expected = np.mean(np.argmax(np.mean(probs, axis=0), -1) == labels)
+  assert results["ensemble"]["ensemble"]["accuracy"] == pytest.approx(expected)
+  # The last snapshot is the final model: its accuracy is the run's test accuracy.
+  assert members["snapshot@60"]["accuracy"] == pytest.approx(results["test_accuracy"])
+
+
+def test_seed_ensemble_of_runs(tmp_path):
+  config = {"dataset": "synthetic", "hidden": [32], "batch_size": 64, "steps": 30, "log_every": 10}
+  train_lib.train_and_evaluate({**config, "seed": 1}, str(tmp_path / "s1"), log=lambda s: None)
+  results = train_lib.train_and_evaluate({**config, "seed": 2, "ensemble": [str(tmp_path / "s1")]},
+                                         str(tmp_path / "s2"), log=lambda s: None)
+  report = results["ensemble"]
+  assert len(report["members"]) == 2
+  assert min(m["accuracy"] for m in report["members"].values()) <= report["ensemble"]["accuracy"] + 0.02
+
+
+def test_ensemble_scores_against_numpy():
+  rng = np.random.default_rng(0)
+  a, b = rng.dirichlet(np.ones(3), 50), rng.dirichlet(np.ones(3), 50)
+  labels = rng.integers(0, 3, 50)
+  report = ensemble.report({"a": a, "b": b}, labels)
+  mean = (a + b) / 2
+  assert report["ensemble"]["accuracy"] == pytest.approx(np.mean(mean.argmax(1) == labels))
+  assert report["ensemble"]["loss"] == pytest.approx(-np.mean(np.log(mean[np.arange(50), labels])))
+  with pytest.raises(ValueError, match="same examples"):
+    ensemble.average({"a": a, "b": b[:10]})
