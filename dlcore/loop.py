@@ -13,6 +13,7 @@ import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dlcore import checks, parallel, train
@@ -55,6 +56,16 @@ def evaluate(state: TrainState, eval_step: Callable, batches: Iterable[dict],
     out = eval_step(state, put_batch(batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   return train.summarize(sums)
+
+
+def _all_finite(tree) -> bool:
+  return bool(jax.tree.reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), tree, jnp.array(True)))
+
+
+def _finish_saves(checkpointer) -> int | None:
+  """Waits for in-flight async saves (so the last good checkpoint is complete on disk) and returns its step."""
+  checkpointer.wait()
+  return checkpointer.latest_step()
 
 
 def _format_eta(seconds: float) -> str:
@@ -101,7 +112,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
     if _due(step, config.log_every, last):
       means = {k: float(v) / count for k, v in sums.items()}
       if not math.isfinite(means["loss"]):
-        good = None if checkpointer is None else checkpointer.latest_step()
+        good = None if checkpointer is None else _finish_saves(checkpointer)
         raise FloatingPointError(f"training loss is {means['loss']} at step {step} (mean of steps "
                                  f"{step - count + 1}..{step}); last good checkpoint: step {good}")
       elapsed = time.perf_counter() - window_start
@@ -128,10 +139,10 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
       stopped_early = bool(config.patience) and bad_evals >= config.patience
 
     if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, last)):
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss} at step {step}; not checkpointed; last good "
-                                 f"checkpoint: step {checkpointer.latest_step()}")
+      # The step's loss was computed before its update, so check what would be saved: params and their eval.
+      if not _all_finite(state.params) or (evaluated and not math.isfinite(evals[-1]["loss"])):
+        raise FloatingPointError(f"parameters or {eval_split} loss not finite after step {step}; not "
+                                 f"checkpointed; last good checkpoint: step {_finish_saves(checkpointer)}")
       # Only a strict new best is ranked, so the checkpointer's best is the loop's (ties go to the earliest).
       new_best = evaluated and best is evals[-1]
       ckpt_metrics = {"val_accuracy": best["accuracy"], "val_loss": best["loss"]} if new_best else None
