@@ -3,8 +3,6 @@
 import json
 import os
 
-from tensorboardX import SummaryWriter
-
 
 class MetricWriter:
   """Appends {'step', 'split', **metrics} records; `enabled=False` (processes other than 0) writes nothing."""
@@ -14,6 +12,7 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled:
+      from tensorboardX import SummaryWriter  # imported here: it loads torch when torch is installed (~4 s)
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

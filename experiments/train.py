@@ -21,6 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", D["dataset"], data.NAMES, "Dataset.")
 flags.DEFINE_string("data_dir", D["data_dir"], "Folder with the dataset's standard files (else well-known "
                     "places, then TFDS).")
+flags.DEFINE_bool("download", D["download"], "Let TFDS download and prepare the dataset when no local copy is "
+                  "found (needs internet and TensorFlow).")
 flags.DEFINE_integer("validation_size", D["validation_size"], "Examples held out of train for validation "
                      "(-1: the dataset's default; 0: evaluate on test).")
 flags.DEFINE_enum("preprocess", D["preprocess"], data.preprocess.METHODS, "Preprocessing fitted on train.")

@@ -20,7 +20,7 @@ from dlcore import checkpoint, data, ensemble, loop, models, optim, parallel, st
 from experiments import common
 
 DEFAULTS = {
-    "dataset": "fashion_mnist", "data_dir": None, "validation_size": -1, "preprocess": "none", "augment": "",
+    "dataset": "fashion_mnist", "data_dir": None, "download": False, "validation_size": -1, "preprocess": "none", "augment": "",
     "model": "mlp", "hidden": [512, 512], "activation": "relu", "init": "he_normal", "init_scale": None,
     "batchnorm": "none", "keep_prob": 1.0, "dropout_mode": "inverted",
     "loss": "cross_entropy", "label_smoothing": 0.0, "hinge_delta": 1.0,
@@ -32,7 +32,7 @@ DEFAULTS = {
     "num_devices": None, "bn_stats": "global",
 }
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
-RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "ensemble")
+RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "download", "ensemble")
 
 
 def _model_kwargs(config: dict, num_classes: int) -> dict:
@@ -121,7 +121,8 @@ def train_and_evaluate(config: dict, workdir: str, *, dataset: data.Dataset | No
 
   if dataset is None:
     validation = None if config["validation_size"] < 0 else config["validation_size"]
-    dataset = data.load(config["dataset"], data_dir=config["data_dir"], validation_size=validation)
+    dataset = data.load(config["dataset"], data_dir=config["data_dir"], validation_size=validation,
+                        tfds_download=config["download"])
   log(f"data: {dataset.source} | train {len(dataset.train)}, {dataset.eval_split_name} "
       f"{len(dataset.eval_split)}, test {len(dataset.test)}, image {dataset.image_shape}")
   if config["preprocess"] != "none":

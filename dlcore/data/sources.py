@@ -132,12 +132,13 @@ NAMES = tuple(sorted([*_SPECS, "synthetic"]))
 
 
 def load(name: str, *, data_dir: str | os.PathLike | None = None, validation_size: int | None = None,
-         tfds_download: bool = True, **synthetic_options) -> Dataset:
+         tfds_download: bool = False, **synthetic_options) -> Dataset:
   """Loads dataset `name` (one of NAMES) as numpy arrays; see the module docstring for the search order.
 
   validation_size: examples held out from the end of train (None: 5000 for mnist/fashion_mnist/cifar10, a tenth
     of train for synthetic; 0: no validation split).
-  tfds_download: let TFDS download and prepare when nothing local is found (False: only prepared TFDS data).
+  tfds_download: let TFDS download and prepare when nothing local is found (needs internet and TensorFlow);
+    False (default): only prepared TFDS data, so an offline miss fails at once instead of retrying for minutes.
   synthetic_options: keyword arguments of `synthetic` (only for name='synthetic').
   """
   key = name.lower() if isinstance(name, str) else name
