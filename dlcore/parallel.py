@@ -241,6 +241,18 @@ def _local_bn_step(train_step: Callable, mesh: Mesh) -> Callable:
   return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
 
 
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK, whose convolution gradients are 2-7x slower than XLA's own;
+# keeping YNNPACK for dots and reductions only made the CIFAR ConvNet 1.7x and ResNet-20 2.1x faster with the
+# MLP unchanged (benchmarks/results/cpu_tuning.md). Results stay deterministic but differ in rounding.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+  """Per-executable XLA options for steps compiled on `mesh`'s platform (CPU_COMPILER_OPTIONS on CPU)."""
+  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def compile_train_step(train_step: Callable, mesh: Mesh, state=None, *, bn_stats: str = "global") -> Callable:
   """`jax.jit` of `train_step(state, batch) -> (state, metrics)`: state replicated and donated, batch sharded.
 
@@ -253,11 +265,13 @@ def compile_train_step(train_step: Callable, mesh: Mesh, state=None, *, bn_stats
     _check_model(state, bn_stats)
   step = train_step if bn_stats == "global" else _local_bn_step(train_step, mesh)
   rep = replicated_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0,
+                 compiler_options=compiler_options(mesh))
 
 
 def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """`jax.jit` of `eval_step(state, batch) -> sums` with the state replicated, the batch sharded and the sums
   (over the global batch) replicated."""
   rep = replicated_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep)
+  return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep,
+                 compiler_options=compiler_options(mesh))

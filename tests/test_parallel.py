@@ -181,3 +181,22 @@ def test_multiprocess_local_script_passes_flags_and_propagates_failure(tmp_path,
     args, flags = (tmp_path / f"args_{i}.txt").read_text().splitlines()
     assert args == f"--coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id={i} --workdir=/tmp/x y"
     assert flags.startswith("--xla_force_host_platform_device_count=3") and flags.endswith(" cpu")
+
+
+def test_cpu_compiler_options_compile_a_conv_step_and_match_the_default_build():
+  # Guards the experimental XLA option name (a rename on a jaxlib upgrade is a compile error) and its numerics.
+  import jax
+  import numpy as np
+  from dlcore import models, optim, parallel, state as state_lib, train
+  mesh = parallel.make_mesh(1)
+  assert parallel.compiler_options(mesh) == parallel.CPU_COMPILER_OPTIONS
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((8, 32, 32, 3), np.float32), "label": rng.integers(0, 10, 8).astype(np.int32)}
+  model = models.get("cifar_convnet")
+  make = lambda: parallel.replicate(state_lib.create(model, optim.optimizer("sgd", 0.01), batch["image"], 0), mesh)
+  tuned = parallel.compile_train_step(train.make_train_step(), mesh)
+  default = jax.jit(train.make_train_step())
+  (a, ma), (b, mb) = tuned(make(), parallel.shard_batch(batch, mesh)), default(make(), batch)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
