@@ -26,7 +26,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from dlcore import checks, data, loop, models, optim, state as state_lib, stats, summaries, train
+from dlcore import checks, data, loop, models, optim, parallel, state as state_lib, stats, summaries, train
 from experiments import common
 
 HIDDEN = (100, 100, 100)
@@ -127,14 +127,17 @@ def train_net(key: str, batchnorm: str, config: dict, dataset: data.Dataset, wor
   test_batches = data.EvalBatches(dataset.test, min(EVAL_BATCH, len(dataset.test)))
   model = build_model(batchnorm, config["init_scale"], dataset.num_classes)
   tx = optim.optimizer(config["optimizer"], config["learning_rate"], momentum=config["momentum"])
-  state = state_lib.create(model, tx, train_batches.batch_at(0)["image"], config["seed"])
-  train_step = jax.jit(train.make_train_step(), donate_argnums=0)
-  eval_step = jax.jit(train.make_eval_step())
+  mesh = parallel.make_mesh(config.get("num_devices"))
+  parallel.check_batch_size(config["batch"], mesh)
+  state = parallel.replicate(state_lib.create(model, tx, train_batches.batch_at(0)["image"], config["seed"]), mesh)
+  train_step = parallel.compile_train_step(train.make_train_step(), mesh, state)
+  eval_step = parallel.compile_eval_step(train.make_eval_step(), mesh)
+  put_batch = lambda batch: parallel.shard_batch(batch, mesh)
   record_percentiles = make_percentile_recorder(model, dataset.test.images, config["unit"],
                                                 bn_stats=config["percentile_bn"])
   writer = summaries.MetricWriter(net_dir)
   percentiles = {0: record_percentiles(state.variables())}
-  initial = loop.evaluate(state, eval_step, test_batches)
+  initial = loop.evaluate(state, eval_step, test_batches, put_batch)
   writer.write(0, "test", initial)
   writer.write(0, "sigmoid_input", percentiles[0])
 
@@ -146,7 +149,7 @@ def train_net(key: str, batchnorm: str, config: dict, dataset: data.Dataset, wor
   loop_config = loop.LoopConfig(config["steps"], log_every=config["log_every"], eval_every=config["eval_every"],
                                 checkpoint_every=0)
   result = loop.fit(state, train_step, eval_step, train_batches, test_batches, loop_config, writer=writer,
-                    eval_split="test", log=lambda m: log(f"[{key}] {m}"), on_step=on_step)
+                    put_batch=put_batch, eval_split="test", log=lambda m: log(f"[{key}] {m}"), on_step=on_step)
   writer.close()
   evals = [{"step": 0, **initial}] + result.evals
   records = [{"step": e["step"], "test_accuracy": e["accuracy"], "test_loss": e["loss"], **percentiles[e["step"]]}
@@ -249,7 +252,7 @@ def main(argv):
   common.quiet_logs()
   config = {name: FLAGS[name].value for name in ("dataset", "data_dir", "download", "steps", "batch", "optimizer",
                                                  "learning_rate", "momentum", "init_scale", "eval_every",
-                                                 "log_every", "unit", "percentile_bn", "seed")}
+                                                 "log_every", "unit", "percentile_bn", "seed", "num_devices")}
   validate(config)
   start = time.perf_counter()
   dataset, note = load_dataset(config["dataset"], config["data_dir"], config["download"])
@@ -325,6 +328,7 @@ def define_flags() -> None:
                     "'batch' (the whole test set as one batch, as the training-time net normalises) or 'running' "
                     "(eval mode: the running averages, whose noise shows in the percentiles).")
   flags.DEFINE_integer("seed", 0, "Seed for the initial weights (both nets) and the batch order.")
+  flags.DEFINE_integer("num_devices", None, "Use only the first N local devices (unset: all; --batch must divide).")
   flags.DEFINE_string("workdir", "runs/batchnorm_mnist", "Where results and plots are written.")
 
 
