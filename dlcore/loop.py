@@ -68,7 +68,8 @@ def _finish_saves(checkpointer) -> int | None:
   return checkpointer.latest_step()
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+  """H:MM:SS."""
   seconds = int(seconds)
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -119,7 +120,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
       means["images_per_sec"] = window_steps * train_batches.batch_size / elapsed
       rate = (step - run_start_step) / (time.perf_counter() - run_start)
       log(f"step {step}/{last}  loss {means['loss']:.4f}  acc {means['accuracy']:.4f}  "
-          f"{means['images_per_sec']:.0f} img/s  ETA {_format_eta((last - step) / rate)}")
+          f"{means['images_per_sec']:.0f} img/s  ETA {format_eta((last - step) / rate)}")
       if writer is not None:
         writer.write(step, "train", means)
       sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0

@@ -184,16 +184,10 @@ def finished(records: list[dict], epochs: int, stop_at_target: bool, target: flo
           or (stop_at_target and any(reached(r, target) for r in records)))
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-_COMPILED = {}  # model and optimiser settings, shapes -> (apply_fn, tx, compiled train step, compiled eval step)
-
-
-def _compiled(config: dict, dataset: data.Dataset, state, mesh, batches, eval_batches):
+def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, batches, eval_batches):
   """(apply_fn, tx, train step, eval step) for the run's settings, compiled once for every seed.
+
+  `cache` (one per study, made by `run_study`) maps model/optimiser settings and shapes to those four.
 
   Runs that differ only in the seed or the data build equal models and optimisers; giving their states the first
   run's `apply_fn` and `tx` objects (static fields, part of the compiled functions' signature) lets the
@@ -202,17 +196,17 @@ def _compiled(config: dict, dataset: data.Dataset, state, mesh, batches, eval_ba
   data_only = ("seed", "dataset", "data_dir", "subset", "preprocess")  # change values, not shapes or code
   key = (json.dumps({k: v for k, v in config.items() if k not in data_only}, sort_keys=True), dataset.image_shape,
          dataset.num_classes, mesh.size)
-  if key not in _COMPILED:
+  if key not in cache:
     put = lambda batch: parallel.shard_batch(batch, mesh)
     step_fn = parallel.compile_train_step(train.make_train_step("cross_entropy"), mesh, state)
     eval_fn = parallel.compile_eval_step(train.make_eval_step("cross_entropy"), mesh)
-    _COMPILED[key] = (state.apply_fn, state.tx, step_fn.lower(state, put(batches.batch_at(0))).compile(),
+    cache[key] = (state.apply_fn, state.tx, step_fn.lower(state, put(batches.batch_at(0))).compile(),
                       eval_fn.lower(state, put(eval_batches.batch_at(0))).compile())
-  return _COMPILED[key]
+  return cache[key]
 
 
 def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, stop_at_target: bool,
-              run_dir: str, lazy_data: LazyData, log, label: str) -> dict:
+              run_dir: str, lazy_data: LazyData, log, label: str, compiled: dict) -> dict:
   """Trains (or resumes, or reuses) one run to `epochs` epochs; returns its curve.json dict, cut to `epochs`."""
   config = run_config(study, activation, seed, lr)
   target = study["target_error"]
@@ -235,7 +229,7 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
   put = lambda batch: parallel.shard_batch(batch, mesh)
   start = time.perf_counter()
   state = parallel.replicate(train_lib.build_state(config, dataset, batches.batch_at(0)["image"]), mesh)
-  apply_fn, tx, step_fn, eval_fn = _compiled(config, dataset, state, mesh, batches, eval_batches)
+  apply_fn, tx, step_fn, eval_fn = _compiled(compiled, config, dataset, state, mesh, batches, eval_batches)
   state = state.replace(apply_fn=apply_fn, tx=tx)
   compile_seconds = time.perf_counter() - start
 
@@ -281,7 +275,7 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
     session_epochs += 1
     per_epoch = (time.perf_counter() - session_start) / session_epochs
     log(f"{label}  epoch {epoch}/{epochs}  train error {record['train_error']:.4f}  loss {record['train_loss']:.4f}"
-        f"  {record['images_per_sec']:.0f} img/s  ETA {_format_eta(per_epoch * (epochs - epoch))}"
+        f"  {record['images_per_sec']:.0f} img/s  ETA {loop.format_eta(per_epoch * (epochs - epoch))}"
         + ("  DIVERGED (non-finite loss): stopping this run" if diverged else ""))
     if diverged or (stop_at_target and reached(record, target)):
       break
@@ -486,6 +480,7 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
   os.makedirs(workdir, exist_ok=True)
   common.write_json(os.path.join(workdir, "config.json"), study)
   lazy_data = LazyData(study, log)
+  compiled = {}  # compiled steps shared by the runs of this study (see _compiled)
   acts, seeds, grid, target = study["activations"], study["seeds"], study["lr_grid"], study["target_error"]
   sweep_seed = seeds[0]
   total = len(acts) * len(grid) + len(acts) * len(seeds)
@@ -495,7 +490,7 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
   def run(act, seed, lr, epochs, stop, phase):
     run_dir = os.path.join(runs_dir, run_name(act, seed, lr))
     label = f"[{next(counter)}/{total} {phase}] {act} seed {seed} lr {lr:g}"
-    curve = train_run(study, act, seed, lr, epochs, stop, run_dir, lazy_data, log, label)
+    curve = train_run(study, act, seed, lr, epochs, stop, run_dir, lazy_data, log, label, compiled)
     curves_by_dir[run_dir] = curve
     return run_dir, curve
 
