@@ -162,13 +162,18 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
                     stopped_early=stopped_early)
 
 
+@jax.jit
+def _probabilities(state: TrainState, images: jax.Array) -> jax.Array:
+  """Softmax of the eval-mode logits; compiled once per model (apply_fn is a static field of the state)."""
+  return jax.nn.softmax(state.apply_fn(state.variables(), images, train=False), axis=-1)
+
+
 def predict(state: TrainState, batches: Iterable[dict], put_batch: Callable = lambda b: b) -> np.ndarray:
   """Softmax probabilities for every real (unmasked) example of `batches`, in order."""
-  apply = jax.jit(lambda s, x: jax.nn.softmax(s.apply_fn(s.variables(), x, train=False), axis=-1))
   out = []
   for batch in batches:
     placed = put_batch(batch)  # global arrays: every process gets the whole batch's predictions back
-    probs = parallel.to_host(apply(state, placed["image"]))
+    probs = parallel.to_host(_probabilities(state, placed["image"]))
     mask = parallel.to_host(placed["mask"]) if "mask" in placed else np.ones(len(probs), bool)
     out.append(probs[np.asarray(mask, bool)])
   return np.concatenate(out)
