@@ -75,9 +75,9 @@ flags.DEFINE_float("quiet_cpus", 0.25, "A window pair is 'quiet' when other proc
 flags.DEFINE_integer("threads", None, "Intra-op threads for PyTorch (default: the CPUs this process may use, "
                      "which is also what XLA's CPU runtime uses).")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where both frameworks run.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype. bfloat16: dlcore casts params and "
-                  "inputs to bfloat16 inside the step (float32 master weights, loss and BatchNorm statistics); "
-                  "PyTorch uses torch.autocast.")
+flags.DEFINE_enum("dtype", "float32", list(models.DTYPES), "Compute dtype. bfloat16: mixed precision, dlcore "
+                  "through the models' dtype field as the trainer's --dtype (float32 params, optimiser state, "
+                  "loss and BatchNorm statistics); PyTorch through torch.autocast.")
 flags.DEFINE_bool("donate", True, "Donate the train state to the jitted step (donate_argnums=0).")
 flags.DEFINE_string("xla_options", "cpu-default", "Compiler options of the 'dlcore_tuned' runner, 'key=value' "
                     f"joined by ';'. 'cpu-default': {CPU_TUNED} on CPU, no tuned runner on GPU; '': none.")
@@ -116,9 +116,11 @@ def describe(model: str) -> str:
 
 
 def build_dlcore(model: str):
+  """The dlcore model, computing in --dtype (the trainer's --dtype: float32 params either way)."""
+  dtype = models.compute_dtype(FLAGS.dtype)
   if model == "mlp":
-    return models.get("mlp", hidden=tuple(int(h) for h in FLAGS.mlp_hidden))
-  return models.get(model)
+    return models.get("mlp", hidden=tuple(int(h) for h in FLAGS.mlp_hidden), dtype=dtype)
+  return models.get(model, dtype=dtype)
 
 
 def synthetic(n: int, shape, seed: int) -> dict[str, np.ndarray]:
@@ -154,24 +156,6 @@ def tuned_options() -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 # dlcore.
 
-def mixed_precision(apply_fn, dtype):
-  """`apply_fn` with params and inputs cast to `dtype`, logits and BatchNorm statistics back to float32.
-
-  The models have no `dtype` field, so this is how the step computes in bfloat16 without touching dlcore.
-  """
-  def cast(tree, to):
-    return jax.tree.map(lambda a: a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-  def apply(variables, x, **kwargs):
-    variables = {**variables, "params": cast(variables["params"], dtype)}
-    out = apply_fn(variables, x.astype(dtype), **kwargs)
-    if isinstance(out, tuple):
-      return out[0].astype(jnp.float32), cast(out[1], jnp.float32)
-    return out.astype(jnp.float32)
-
-  return apply
-
-
 class DlcoreRunner:
   """dlcore's jitted train_step on a device-resident batch, compiled ahead of time so compile time is known.
 
@@ -184,8 +168,6 @@ class DlcoreRunner:
     tx = optim.optimizer("momentum", FLAGS.learning_rate, momentum=0.9)
     with jax.default_device(self.device):
       state = state_lib.create(self.model, tx, jnp.asarray(batch["image"]), FLAGS.seed)
-    if FLAGS.dtype == "bfloat16":
-      state = state.replace(apply_fn=mixed_precision(self.model.apply, jnp.bfloat16))
     self.initial_params = jax.device_get(state.params)
     self.initial_batch_stats = jax.device_get(state.batch_stats)
     self.state = jax.device_put(state, self.device)

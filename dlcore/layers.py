@@ -4,6 +4,10 @@ Dense and Conv are 'linear -> [BatchNorm] -> activation -> [BatchNorm]' units. E
 input ('pre') and output ('post') with `sow` into the `intermediates` collection, and passes its output through
 `perturb('post')` so `stats.activation_grads` can read dL/d(post) -- both are no-ops unless the caller asks for
 those collections, so outputs are unchanged.
+
+Mixed precision: `dtype` is the compute dtype (flax's convention; None: that of the inputs and params). Params
+are always float32 and BatchNorm statistics are reduced in float32, so `dtype=jnp.bfloat16` gives bf16 matmuls
+and convolutions with float32 master weights.
 """
 
 from collections.abc import Sequence
@@ -24,11 +28,13 @@ class BatchNorm(nn.Module):
 
   train=True normalises with the mini-batch mean and (biased) variance and updates the running averages in
   `batch_stats` (`ra = momentum * ra + (1 - momentum) * batch`); train=False uses the running averages. With
-  `axis_name`, batch statistics are averaged across that mapped/sharded axis (cross-device BatchNorm).
+  `axis_name`, batch statistics are averaged across that mapped/sharded axis (cross-device BatchNorm). The
+  statistics are computed in float32 whatever `dtype` (the output dtype) is.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   axis_name: str | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -37,7 +43,7 @@ class BatchNorm(nn.Module):
     # Two-pass variance, as in Algorithm 1: flax's default E[x^2] - E[x]^2 loses float32 precision (gradients off
     # by ~0.5%) when a channel's |mean| is tens of times its std.
     return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
-                        axis_name=self.axis_name, use_fast_variance=False, name="bn")(x)
+                        axis_name=self.axis_name, use_fast_variance=False, dtype=self.dtype, name="bn")(x)
 
 
 class Dropout(nn.Module):
@@ -73,6 +79,7 @@ class _Unit(nn.Module):
   batchnorm: str = "none"
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
+  dtype: Any = None
 
   def _linear(self, x) -> jax.Array:
     raise NotImplementedError
@@ -86,13 +93,13 @@ class _Unit(nn.Module):
     act = activations.get(self.activation)
     y = self._linear(x)
     if self.batchnorm == "before":
-      y = BatchNorm(self.bn_momentum, axis_name=self.bn_axis_name, name="bn_before")(y, train)
+      y = BatchNorm(self.bn_momentum, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn_before")(y, train)
     self.sow("intermediates", "pre", y)
     y = act(y)
     self.sow("intermediates", "post", y)
     y = self.perturb("post", y)
     if self.batchnorm == "after":
-      y = BatchNorm(self.bn_momentum, axis_name=self.bn_axis_name, name="bn_after")(y, train)
+      y = BatchNorm(self.bn_momentum, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn_after")(y, train)
     return y
 
 
@@ -103,7 +110,8 @@ class Dense(_Unit):
   def _linear(self, x):
     checks.positive("features", self.features)
     bias = self.use_bias and self.batchnorm != "before"  # BatchNorm's offset replaces the bias
-    return nn.Dense(self.features, use_bias=bias, kernel_init=self._kernel_init(), name="linear")(x)
+    return nn.Dense(self.features, use_bias=bias, kernel_init=self._kernel_init(), dtype=self.dtype,
+                    name="linear")(x)
 
 
 class Conv(_Unit):
@@ -117,4 +125,4 @@ class Conv(_Unit):
     checks.positive("features", self.features)
     bias = self.use_bias and self.batchnorm != "before"
     return nn.Conv(self.features, tuple(self.kernel_size), tuple(self.strides), padding=self.padding,
-                   use_bias=bias, kernel_init=self._kernel_init(), name="linear")(x)
+                   use_bias=bias, kernel_init=self._kernel_init(), dtype=self.dtype, name="linear")(x)

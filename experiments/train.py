@@ -67,6 +67,8 @@ flags.DEFINE_bool("overwrite", False, "Discard a run with a different config in 
 flags.DEFINE_integer("num_devices", D["num_devices"], "Use only the first N local devices (unset: all).")
 flags.DEFINE_enum("bn_stats", D["bn_stats"], parallel.BN_STATS, "BatchNorm statistics over the global batch "
                   "or per device.")
+flags.DEFINE_enum("dtype", D["dtype"], list(models.DTYPES), "Compute dtype: bfloat16 = mixed precision "
+                  "(bf16 matmuls and convolutions; float32 params, optimiser state, BatchNorm statistics and loss).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (auto under SLURM/TPU).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")

@@ -29,7 +29,7 @@ DEFAULTS = {
     "weight_decay_mode": "decoupled", "clip_norm": None, "schedule": "warmup_cosine", "schedule_params": {},
     "batch_size": 128, "epochs": 5.0, "steps": 0, "eval_every": 0, "log_every": 100, "checkpoint_every": 0,
     "keep_checkpoints": 3, "patience": 0, "seed": 0, "snapshot_ensemble": False, "ensemble": [],
-    "num_devices": None, "bn_stats": "global",
+    "num_devices": None, "bn_stats": "global", "dtype": "float32",
 }
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
 RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "download", "ensemble")
@@ -37,7 +37,8 @@ RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "download", "ensemble"
 
 def _model_kwargs(config: dict, num_classes: int) -> dict:
   name = config["model"]
-  kwargs = {"num_classes": num_classes, "activation": config["activation"], "initializer": config["init"]}
+  kwargs = {"num_classes": num_classes, "activation": config["activation"], "initializer": config["init"],
+            "dtype": models.compute_dtype(config["dtype"])}
   if name.startswith("resnet"):
     return kwargs
   kwargs.update(init_scale=config["init_scale"], batchnorm=config["batchnorm"], keep_prob=config["keep_prob"])

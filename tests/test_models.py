@@ -273,3 +273,36 @@ def test_bad_model_hyperparameters_name_the_argument():
                    jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
   with pytest.raises(ValueError, match="keep_prob"):
     jax.eval_shape(lambda x: models.init_variables(models.MLP(keep_prob=0.0), KEY, x), x)
+
+
+MIXED_CASES = {"mlp": {}, "mlp_bn": {"batchnorm": "before"}, "lenet5": {}, "cifar_convnet": {},
+               "resnet8": {}}
+
+
+@pytest.mark.parametrize("case", sorted(MIXED_CASES))
+def test_bfloat16_compute_keeps_float32_params_statistics_and_logits(case):
+  name = "mlp" if case == "mlp_bn" else case
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(8, *INPUTS[name][1:])), jnp.float32)
+  full, mixed = (models.get(name, dtype=d, **MIXED_CASES[case]) for d in (None, models.compute_dtype("bfloat16")))
+  variables = models.init_variables(full, KEY, x)
+  mixed_variables = models.init_variables(mixed, KEY, x)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables, mixed_variables)))  # same initial params
+  assert {a.dtype for a in jax.tree.leaves(mixed_variables)} == {jnp.dtype(jnp.float32)}
+
+  def run(model):
+    return jax.jit(lambda v: model.apply(v, x, train=True, rngs={"dropout": KEY},
+                                         mutable=["batch_stats", "intermediates"]))(variables)
+  (ref, ref_state), (out, state) = run(full), run(mixed)
+  assert out.dtype == jnp.float32
+  pre = [leaf[0] for k, leaf in traverse_util.flatten_dict(state["intermediates"]).items() if k[-1] == "pre"]
+  assert pre and all(p.dtype == jnp.bfloat16 for p in pre)  # the layers really compute in bfloat16
+  err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 0 < err < 0.05, err  # bf16 has an 8-bit significand: ~0.4% per rounding, a few % after the net
+  for a, b in zip(jax.tree.leaves(state["batch_stats"]), jax.tree.leaves(ref_state["batch_stats"])):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0.05, atol=0.02)
+
+
+def test_unknown_compute_dtype_lists_valid_names():
+  with pytest.raises(ValueError, match="unknown dtype 'float16'; valid names: bfloat16, float32"):
+    models.compute_dtype("float16")

@@ -135,3 +135,20 @@ def test_bad_step_arguments_name_the_argument():
     train.make_train_step(penalty="l3")
   with pytest.raises(ValueError, match="penalty_strength"):
     train.make_train_step(penalty="l2", penalty_strength=-1.0)
+
+
+def test_bfloat16_compute_trains_like_float32_with_float32_state():
+  batch = _data(n=64, d=20)
+  step = train.make_train_step("cross_entropy")
+  losses, states = {}, {}
+  for name in ("float32", "bfloat16"):
+    st = _state(models.MLP(hidden=(32,), dtype=models.compute_dtype(name)), batch, lr=1e-2)
+    st, first = _run(st, batch, 1, step)
+    states[name], last = _run(st, batch, 40, step)
+    losses[name] = float(first["loss"]), float(last["loss"])
+  floats = [a for a in jax.tree.leaves((states["bfloat16"].params, states["bfloat16"].opt_state))
+            if jnp.issubdtype(a.dtype, jnp.floating)]
+  assert floats and all(a.dtype == jnp.float32 for a in floats)  # master weights and Adam moments stay float32
+  (f_first, f_last), (b_first, b_last) = losses["float32"], losses["bfloat16"]
+  assert b_first == pytest.approx(f_first, rel=0.02)
+  assert b_last < 0.5 * b_first and b_last == pytest.approx(f_last, rel=0.1)

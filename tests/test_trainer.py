@@ -104,6 +104,19 @@ def test_bad_flags_fail_with_the_flag_named(tmp_path):
   proc = _trainer(tmp_path / "b", "--model=nope")
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "lenet5" in out
+  proc = _trainer(tmp_path / "c", "--dtype=float16")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "--dtype=float16" in out and "bfloat16" in out
+
+
+def test_bfloat16_run_trains_and_checkpoints_float32_params(tmp_path):
+  proc = _trainer(tmp_path, "--steps=90", "--eval_every=30", "--dtype=bfloat16")
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+  assert json.loads((tmp_path / "results.json").read_text())["test_accuracy"] > 0.9  # as float32 in the same 90 steps
+  restored = _final_params(tmp_path)
+  assert {a.dtype for a in jax.tree.leaves(restored.params)} == {np.dtype(np.float32)}
 
 
 def _fit(tmp_path, lr, patience, steps=40, eval_every=5):

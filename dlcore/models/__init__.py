@@ -1,6 +1,7 @@
 """Models by name, and variable initialisation that keeps only what training needs."""
 
 import jax
+import jax.numpy as jnp
 
 from dlcore import checks, initializers
 from dlcore.models.convnets import CifarConvNet, LeNet5
@@ -18,11 +19,18 @@ _MODELS = {
 }
 
 NAMES = tuple(sorted(_MODELS))
+# Compute dtypes for the models' `dtype` field; params stay float32 either way ('bfloat16' = mixed precision).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def get(name: str, **kwargs):
   """Builds the model called `name` with its keyword hyperparameters (ValueError listing names otherwise)."""
   return checks.lookup("model", _MODELS, name)(**kwargs)
+
+
+def compute_dtype(name: str):
+  """The jnp dtype called `name`, one of DTYPES (ValueError listing them otherwise)."""
+  return checks.lookup("dtype", DTYPES, name)
 
 
 def init_variables(model, rng: jax.Array, sample: jax.Array, *, lsuv_batch: jax.Array | None = None) -> dict:

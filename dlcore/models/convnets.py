@@ -1,5 +1,7 @@
 """LeNet-5 and the four-layer CIFAR-10 ConvNet of Krizhevsky et al. 2012, Figure 1."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -7,7 +9,10 @@ from dlcore import layers
 
 
 class _ConvNet(nn.Module):
-  """Shared hyperparameters; `conv` and `dense` build units that use them."""
+  """Shared hyperparameters; `conv` and `dense` build units that use them.
+
+  `dtype` is the compute dtype (see `dlcore.layers`); the logits are float32.
+  """
   num_classes: int = 10
   activation: str = "relu"
   initializer: str = "he_normal"
@@ -15,20 +20,22 @@ class _ConvNet(nn.Module):
   batchnorm: str = "none"
   keep_prob: float = 1.0
   bn_axis_name: str | None = None
+  dtype: Any = None
 
   def conv(self, features, kernel, name, padding="SAME"):
     return layers.Conv(features=features, kernel_size=(kernel, kernel), padding=padding,
                        activation=self.activation, initializer=self.initializer, init_scale=self.init_scale,
-                       batchnorm=self.batchnorm, bn_axis_name=self.bn_axis_name, name=name)
+                       batchnorm=self.batchnorm, bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
 
   def dense(self, features, name):
     return layers.Dense(features=features, activation=self.activation, initializer=self.initializer,
                         init_scale=self.init_scale, batchnorm=self.batchnorm, bn_axis_name=self.bn_axis_name,
-                        name=name)
+                        dtype=self.dtype, name=name)
 
   def classifier(self, x, train):
-    return layers.Dense(features=self.num_classes, initializer=self.initializer, init_scale=self.init_scale,
-                        name="classifier")(x.reshape((x.shape[0], -1)), train)
+    logits = layers.Dense(features=self.num_classes, initializer=self.initializer, init_scale=self.init_scale,
+                          dtype=self.dtype, name="classifier")(x.reshape((x.shape[0], -1)), train)
+    return logits.astype(jnp.float32)
 
 
 class LeNet5(_ConvNet):
