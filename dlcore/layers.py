@@ -23,6 +23,11 @@ BATCHNORM_PLACES = ("none", "before", "after")
 DROPOUT_MODES = ("inverted", "original")
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """`x` in float32, or unchanged if wider (float64 gradient checks): how models return bf16-computed logits."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class BatchNorm(nn.Module):
   """Batch normalisation (Ioffe & Szegedy 2015, Alg. 1) over every axis but the last.
 

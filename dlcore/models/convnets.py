@@ -5,13 +5,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dlcore import layers
+from dlcore import layers, pooling
 
 
 class _ConvNet(nn.Module):
   """Shared hyperparameters; `conv` and `dense` build units that use them.
 
-  `dtype` is the compute dtype (see `dlcore.layers`); the logits are float32.
+  `dtype` is the compute dtype (see `dlcore.layers`); the logits are float32 (or wider).
   """
   num_classes: int = 10
   activation: str = "relu"
@@ -35,7 +35,7 @@ class _ConvNet(nn.Module):
   def classifier(self, x, train):
     logits = layers.Dense(features=self.num_classes, initializer=self.initializer, init_scale=self.init_scale,
                           dtype=self.dtype, name="classifier")(x.reshape((x.shape[0], -1)), train)
-    return logits.astype(jnp.float32)
+    return layers.at_least_float32(logits)
 
 
 class LeNet5(_ConvNet):
@@ -49,9 +49,9 @@ class LeNet5(_ConvNet):
     if x.shape[1] == 28:
       x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
     x = self.conv(6, 5, "conv1", padding="VALID")(x, train)
-    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = pooling.avg_pool(x, (2, 2), (2, 2))
     x = self.conv(16, 5, "conv2", padding="VALID")(x, train)
-    x = nn.avg_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
+    x = pooling.avg_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
     x = layers.Dropout(self.keep_prob)(self.dense(120, "fc1")(x, train), train)
     x = layers.Dropout(self.keep_prob)(self.dense(84, "fc2")(x, train), train)
     return self.classifier(x, train)
@@ -67,10 +67,10 @@ class CifarConvNet(_ConvNet):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.conv(32, 5, "conv1")(x, train)
-    x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    x = pooling.max_pool(x, (3, 3), (2, 2), padding="SAME")
     x = self.conv(32, 5, "conv2")(x, train)
-    x = nn.avg_pool(x, (3, 3), (2, 2), padding="SAME")
+    x = pooling.avg_pool(x, (3, 3), (2, 2), padding="SAME")
     x = self.conv(64, 5, "conv3")(x, train)
-    x = nn.avg_pool(x, (3, 3), (2, 2), padding="SAME")
+    x = pooling.avg_pool(x, (3, 3), (2, 2), padding="SAME")
     x = layers.Dropout(self.keep_prob)(x, train)
     return self.classifier(x, train)

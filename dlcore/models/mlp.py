@@ -4,7 +4,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from dlcore import checks, layers
 
@@ -13,7 +12,7 @@ class MLP(nn.Module):
   """Flatten -> len(hidden) Dense units (hidden[i] wide) -> optional linear classifier of `num_classes`.
 
   num_classes=0 gives the hidden stack alone (the activation-statistics study). keep_prob < 1 adds dropout
-  after every hidden unit. `dtype` is the compute dtype (see `dlcore.layers`); the output is float32.
+  after every hidden unit. `dtype` is the compute dtype (see `dlcore.layers`); the output is float32 (or wider).
   """
   hidden: Sequence[int] = (100, 100)
   num_classes: int = 10
@@ -40,4 +39,4 @@ class MLP(nn.Module):
     if self.num_classes:
       x = layers.Dense(features=self.num_classes, initializer=self.initializer, init_scale=self.init_scale,
                        use_bias=True, dtype=self.dtype, name="classifier")(x, train)
-    return x.astype(jnp.float32)
+    return layers.at_least_float32(x)

@@ -3,7 +3,6 @@
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from dlcore import activations, checks, layers
 
@@ -35,7 +34,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """CIFAR ResNet-(6n+2): conv3x3x16, three stages of n BasicBlocks (16, 32, 64 channels), global pool, linear.
 
-  `dtype` is the compute dtype (see `dlcore.layers`); the logits are float32.
+  `dtype` is the compute dtype (see `dlcore.layers`); the logits are float32 (or wider).
   """
   blocks_per_stage: int = 3
   num_classes: int = 10
@@ -57,4 +56,4 @@ class ResNet(nn.Module):
     x = x.mean(axis=(1, 2))
     logits = layers.Dense(features=self.num_classes, initializer=self.initializer, dtype=self.dtype,
                           name="classifier")(x, train)
-    return logits.astype(jnp.float32)
+    return layers.at_least_float32(logits)
