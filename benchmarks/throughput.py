@@ -756,10 +756,14 @@ def benchmark_pipeline(model: str, cfg: dict) -> dict:
 # Report.
 
 def machine() -> dict:
-  cpu = "unknown"
+  cpu, isa = "unknown", []
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+      first_cpu = f.read().split("\n\n")[0].splitlines()
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu)}
+    cpu = fields.get("model name", cpu)
+    cpu_flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags]
   except OSError:
     pass
   try:
@@ -767,7 +771,8 @@ def machine() -> dict:
       mem_gib = int(f.readline().split()[1]) / 2 ** 20
   except OSError:
     mem_gib = None
-  info = {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+  info = {"cpu_model": cpu, "cpu_isa": isa, "logical_cpus": os.cpu_count(),
+          "usable_cpus": len(os.sched_getaffinity(0)),
           "memory_gib": mem_gib, "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "niceness": os.nice(0),
@@ -800,7 +805,8 @@ def markdown(result: dict) -> str:
   label = {"dlcore": "dlcore", "dlcore_tuned": "dlcore tuned", "torch": "PyTorch"}
   lines = [
       f"# Training throughput: dlcore vs PyTorch ({c['device']}, {c['dtype']})", "",
-      f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable CPUs (of {m['logical_cpus']}), "
+      f"Machine: {m['cpu_model']} ({' '.join(m.get('cpu_isa', [])) or 'ISA unknown'}), "
+      f"{m['usable_cpus']} usable CPUs (of {m['logical_cpus']}), "
       f"{m['memory_gib']:.0f} GiB RAM; {m['platform']}; python {m['python']}, jax {m['jax']}, "
       f"jaxlib {m.get('jaxlib')}, flax {m.get('flax')}, optax {m.get('optax')}, torch {m.get('torch', '-')} "
       f"({m.get('torch_threads', '-')} threads). XLA_FLAGS='{m['xla_flags']}', env {m['env'] or '{}'}, "
