@@ -19,10 +19,9 @@ XLA's YNNPACK fusions), so the before/after of that setting is measured in the s
   FLOPs         XLA's compiled `cost_analysis()` of the dlcore step and torch's FlopCounterMode (matmul/conv
                 only) of the PyTorch step; achieved GFLOP/s and the fraction of a measured square-matmul peak
 
-The input-pipeline section runs the trainer's data path -- `TrainBatches.batch_at(step)` and `jax.device_put`
-prefetched on a background thread, the jitted step dispatched asynchronously (also with fetching inline, and with
-on-device `--augment`) -- alternately with the same step on a resident device batch, and reports the fraction of
-wall time the loop waits for the next batch.
+The input-pipeline section runs the trainer's data path -- `TrainBatches.batch_at(step)`, `jax.device_put`, the
+jitted step dispatched asynchronously (and once more with on-device `--augment`) -- alternately with the same
+step on a resident device batch, and reports the fraction of wall time the host loop spends fetching batches.
 
   python benchmarks/throughput.py                    # full CPU run, a few minutes; writes benchmarks/results/
   python benchmarks/throughput.py --quick            # about a minute
@@ -31,7 +30,6 @@ wall time the loop waits for the next batch.
 Needs the [bench] extra (torch==2.13.0).
 """
 
-import contextlib
 import copy
 import functools
 import json
@@ -53,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dlcore import loop, models, optim, parallel, train  # noqa: E402
+from dlcore import models, optim, parallel, train  # noqa: E402
 from dlcore import state as state_lib  # noqa: E402
 from dlcore.data import augment as augment_lib  # noqa: E402
 from dlcore.data import pipeline  # noqa: E402
@@ -222,38 +220,30 @@ class DlcoreRunner:
 
 
 class PipelineRunner:
-  """The trainer's data path on a DlcoreRunner's state and executable: batch_at(step) -> device_put, `depth`
-  batches ahead on a background thread as `loop.fit` does (0: inline), then the step, dispatched asynchronously.
-  Counts the host time in batch_at and device_put, and the time the loop waits for the next batch."""
+  """The trainer's data path on a DlcoreRunner's state and executable: batch_at(step) -> device_put -> step,
+  dispatched asynchronously; counts the host time spent in batch_at and device_put."""
 
-  def __init__(self, batches: pipeline.TrainBatches, dl: DlcoreRunner, depth: int):
-    self.batches, self.dl, self.depth, self.step = batches, dl, depth, 0
+  def __init__(self, batches: pipeline.TrainBatches, dl: DlcoreRunner):
+    self.batches, self.dl, self.step = batches, dl, 0
     self.reset_counters()
 
   def reset_counters(self):
-    self.gather_s = self.put_s = self.wait_s = self.total_s = 0.0
+    self.gather_s = self.put_s = self.total_s = 0.0
     self.timed_steps = 0
-
-  def fetch(self, step: int) -> dict:
-    t0 = time.perf_counter()
-    host = self.batches.batch_at(step)
-    t1 = time.perf_counter()
-    batch = jax.device_put(host, self.dl.device)
-    self.gather_s += t1 - t0
-    self.put_s += time.perf_counter() - t1
-    return batch
 
   def run(self, steps: int) -> float:
     dl = self.dl
     t = time.perf_counter()
-    with contextlib.closing(pipeline.prefetch(self.fetch, self.step, self.step + steps, self.depth)) as batches:
-      for _ in range(steps):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        self.wait_s += time.perf_counter() - t0
-        dl.state, dl.metrics = dl.compiled(dl.state, batch)
-        self.step += 1
-      jax.block_until_ready((dl.state, dl.metrics))
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      host = self.batches.batch_at(self.step)
+      t1 = time.perf_counter()
+      batch = jax.device_put(host, dl.device)
+      self.gather_s += t1 - t0
+      self.put_s += time.perf_counter() - t1
+      dl.state, dl.metrics = dl.compiled(dl.state, batch)
+      self.step += 1
+    jax.block_until_ready((dl.state, dl.metrics))
     elapsed = time.perf_counter() - t
     self.total_s += elapsed
     self.timed_steps += steps
@@ -716,18 +706,15 @@ def benchmark_model(model: str, cfg: dict) -> dict:
 
 
 def benchmark_pipeline(model: str, cfg: dict) -> dict:
-  """Resident batch vs the trainer's data path (prefetched batch_at + device_put + async step), inline fetching
-  and on-device augmentation."""
+  """Resident batch vs the trainer's data path (batch_at + device_put + async step), +/- augmentation."""
   bs = FLAGS.batch_size
   data = synthetic(FLAGS.pipeline_examples, input_shape(model), FLAGS.seed + 1)
   batches = pipeline.TrainBatches(data, bs, seed=FLAGS.seed)
   resident = DlcoreRunner(model, batches.batch_at(0))
-  depth = loop.LoopConfig(1).prefetch  # the trainer's
-  runners = {"resident": resident,  # the pipeline modes share its state and executable
-             "pipeline": PipelineRunner(batches, resident, depth), "inline": PipelineRunner(batches, resident, 0)}
+  runners = {"resident": resident, "pipeline": PipelineRunner(batches, resident)}  # one state and executable
   if FLAGS.augment:
     runners[f"pipeline+{FLAGS.augment}"] = PipelineRunner(
-        batches, DlcoreRunner(model, batches.batch_at(0), augment=FLAGS.augment), depth)
+        batches, DlcoreRunner(model, batches.batch_at(0), augment=FLAGS.augment))
   steps = {}
   for name, r in runners.items():
     r.run(1)
@@ -739,15 +726,13 @@ def benchmark_pipeline(model: str, cfg: dict) -> dict:
   for name, r in runners.items():
     mode = {"images_per_s": summary(timed[name], steps[name])}
     if isinstance(r, PipelineRunner):
-      mode |= {"prefetch": r.depth, "wait_fraction": r.wait_s / r.total_s,
-               "fetch_fraction": (r.gather_s + r.put_s) / r.total_s,
+      mode |= {"fetch_fraction": (r.gather_s + r.put_s) / r.total_s,
                "batch_at_ms_per_step": 1e3 * r.gather_s / r.timed_steps,
                "device_put_ms_per_step": 1e3 * r.put_s / r.timed_steps,
                "step_ms": 1e3 * r.total_s / r.timed_steps,
                "vs_resident": ratio(timed[name], timed["resident"], FLAGS.quiet_cpus)}
     out["modes"][name] = mode
-    fetch = (f", waiting for batches {100 * mode['wait_fraction']:.2f}% of wall time" if "wait_fraction" in mode
-             else "")
+    fetch = f", fetching {100 * mode['fetch_fraction']:.2f}% of wall time" if "fetch_fraction" in mode else ""
     print(f"[pipeline {model}] {name}: {mode['images_per_s']['median']:.1f} img/s{fetch}", flush=True)
   return out
 
@@ -883,23 +868,20 @@ def markdown(result: dict) -> str:
   if result.get("pipeline"):
     lines += ["", "## Input pipeline (dlcore, default compile options)", "",
               "The trainer's data path: `TrainBatches.batch_at(step)` (numpy gather from a synthetic float32 set of "
-              f"{FLAGS.pipeline_examples} examples) + `jax.device_put`, prefetched on a background thread as "
-              "`loop.fit` does ('pipeline'; 'inline': fetched in the loop), + the jitted step dispatched "
-              "asynchronously; alternated window by window with the same executable on a resident device batch "
-              "('resident'). wait % = time the loop waits for the next batch / wall time; fetch % = host time in "
-              "batch_at + device_put (on the prefetch thread, overlapping the step) / wall time.", "",
-              "| model | mode | prefetch | img/s | vs resident [min-max] | wait % | fetch % | batch_at ms/step | "
-              "device_put ms/step | step ms |", "|---" * 10 + "|"]
+              f"{FLAGS.pipeline_examples} examples) + `jax.device_put` + the jitted step dispatched asynchronously, "
+              "alternated window by window with the same executable on a resident device batch ('resident'). "
+              "fetch % = host time in batch_at + device_put / wall time.", "",
+              "| model | mode | img/s | vs resident [min-max] | fetch % of wall time | batch_at ms/step | "
+              "device_put ms/step | step ms |", "|---" * 8 + "|"]
     for k, p in result["pipeline"].items():
       for mode, x in p["modes"].items():
         if "fetch_fraction" in x:
           q = x["vs_resident"]
-          lines.append(f"| {k} | {mode} | {x['prefetch']} | {x['images_per_s']['median']:.1f} | "
-                       f"{q['median_of_pairs']:.3f} [{q['min']:.2f}-{q['max']:.2f}] | "
-                       f"{100 * x['wait_fraction']:.2f}% | {100 * x['fetch_fraction']:.2f}% | "
+          lines.append(f"| {k} | {mode} | {x['images_per_s']['median']:.1f} | {q['median_of_pairs']:.3f} "
+                       f"[{q['min']:.2f}-{q['max']:.2f}] | {100 * x['fetch_fraction']:.2f}% | "
                        f"{x['batch_at_ms_per_step']:.3f} | {x['device_put_ms_per_step']:.3f} | {x['step_ms']:.1f} |")
         else:
-          lines.append(f"| {k} | {mode} | - | {x['images_per_s']['median']:.1f} | 1 | - | - | - | - | "
+          lines.append(f"| {k} | {mode} | {x['images_per_s']['median']:.1f} | 1 | - | - | - | "
                        f"{1e3 * FLAGS.batch_size / x['images_per_s']['median']:.1f} |")
   lines += ["", f"GPU: {result['gpu']}", ""]
   return "\n".join(lines)

@@ -1,14 +1,12 @@
 """The training loop: steps, progress, periodic evaluation, checkpoints, resume, early stopping, NaN guard.
 
 Host-device transfers happen only at logging, eval and checkpoint points; between them the compiled step runs
-back to back (JAX dispatches asynchronously, and the next batches are cut and placed on the devices on a
-background thread, `LoopConfig.prefetch`).
+back to back (JAX dispatches asynchronously, so the next host batch is cut while the device computes).
 Restarting `fit` with the same checkpointer resumes from the latest checkpoint on the same batch order
 (`TrainBatches.batch_at(step)`), so an interrupted run ends where an uninterrupted one would.
 """
 
 from collections.abc import Callable, Iterable
-import contextlib
 import dataclasses
 import math
 import time
@@ -19,25 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlcore import checks, parallel, train
-from dlcore.data import pipeline
 from dlcore.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """num_steps in total; log/eval/checkpoint every so many steps (0: only at the end); early stopping after
-  `patience` evaluations without improvement of eval accuracy (0: off); `prefetch` training batches are cut and
-  placed on the devices ahead, on a background thread (0: inline)."""
+  `patience` evaluations without improvement of eval accuracy (0: off)."""
   num_steps: int
   log_every: int = 100
   eval_every: int = 1000
   checkpoint_every: int = 1000
   patience: int = 0
-  prefetch: int = 2
 
   def __post_init__(self):
     checks.positive("num_steps", self.num_steps)
-    for name in ("log_every", "eval_every", "checkpoint_every", "patience", "prefetch"):
+    for name in ("log_every", "eval_every", "checkpoint_every", "patience"):
       checks.non_negative(name, getattr(self, name))
 
 
@@ -106,62 +101,60 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0
   run_start, run_start_step = time.perf_counter(), step
   stopped_early = False
-  fetch = lambda k: put_batch(train_batches.batch_at(k))
-  with contextlib.closing(pipeline.prefetch(fetch, step, last, config.prefetch)) as batches:
-    while step < last:
-      state, metrics = train_step(state, next(batches))
-      step += 1
-      if on_step is not None:
-        on_step(step, state)
-      sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
-      count += 1
-      window_steps += 1
+  while step < last:
+    state, metrics = train_step(state, put_batch(train_batches.batch_at(step)))
+    step += 1
+    if on_step is not None:
+      on_step(step, state)
+    sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
+    count += 1
+    window_steps += 1
 
-      if _due(step, config.log_every, last):
-        means = {k: float(v) / count for k, v in sums.items()}
-        if not math.isfinite(means["loss"]):
-          good = None if checkpointer is None else _finish_saves(checkpointer)
-          raise FloatingPointError(f"training loss is {means['loss']} at step {step} (mean of steps "
-                                   f"{step - count + 1}..{step}); last good checkpoint: step {good}")
-        elapsed = time.perf_counter() - window_start
-        means["images_per_sec"] = window_steps * train_batches.batch_size / elapsed
-        rate = (step - run_start_step) / (time.perf_counter() - run_start)
-        log(f"step {step}/{last}  loss {means['loss']:.4f}  acc {means['accuracy']:.4f}  "
-            f"{means['images_per_sec']:.0f} img/s  ETA {format_eta((last - step) / rate)}")
-        if writer is not None:
-          writer.write(step, "train", means)
-        sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0
+    if _due(step, config.log_every, last):
+      means = {k: float(v) / count for k, v in sums.items()}
+      if not math.isfinite(means["loss"]):
+        good = None if checkpointer is None else _finish_saves(checkpointer)
+        raise FloatingPointError(f"training loss is {means['loss']} at step {step} (mean of steps "
+                                 f"{step - count + 1}..{step}); last good checkpoint: step {good}")
+      elapsed = time.perf_counter() - window_start
+      means["images_per_sec"] = window_steps * train_batches.batch_size / elapsed
+      rate = (step - run_start_step) / (time.perf_counter() - run_start)
+      log(f"step {step}/{last}  loss {means['loss']:.4f}  acc {means['accuracy']:.4f}  "
+          f"{means['images_per_sec']:.0f} img/s  ETA {format_eta((last - step) / rate)}")
+      if writer is not None:
+        writer.write(step, "train", means)
+      sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0
 
-      evaluated = eval_batches is not None and _due(step, config.eval_every, last)
-      if evaluated:
-        result = {"step": step, **evaluate(state, eval_step, eval_batches, put_batch)}
-        evals.append(result)
-        if best is None or result["accuracy"] > best["accuracy"]:
-          best, bad_evals = result, 0
-        else:
-          bad_evals += 1
-        log(f"step {step}/{last}  {eval_split} loss {result['loss']:.4f}  {eval_split} acc "
-            f"{result['accuracy']:.4f}  (best {best['accuracy']:.4f} at step {best['step']})")
-        if writer is not None:
-          writer.write(step, eval_split, {"loss": result["loss"], "accuracy": result["accuracy"]})
-        stopped_early = bool(config.patience) and bad_evals >= config.patience
+    evaluated = eval_batches is not None and _due(step, config.eval_every, last)
+    if evaluated:
+      result = {"step": step, **evaluate(state, eval_step, eval_batches, put_batch)}
+      evals.append(result)
+      if best is None or result["accuracy"] > best["accuracy"]:
+        best, bad_evals = result, 0
+      else:
+        bad_evals += 1
+      log(f"step {step}/{last}  {eval_split} loss {result['loss']:.4f}  {eval_split} acc "
+          f"{result['accuracy']:.4f}  (best {best['accuracy']:.4f} at step {best['step']})")
+      if writer is not None:
+        writer.write(step, eval_split, {"loss": result["loss"], "accuracy": result["accuracy"]})
+      stopped_early = bool(config.patience) and bad_evals >= config.patience
 
-      if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, last)):
-        # The step's loss was computed before its update, so check what would be saved: params and their eval.
-        if not _all_finite(state.params) or (evaluated and not math.isfinite(evals[-1]["loss"])):
-          raise FloatingPointError(f"parameters or {eval_split} loss not finite after step {step}; not "
-                                   f"checkpointed; last good checkpoint: step {_finish_saves(checkpointer)}")
-        # Only a strict new best is ranked, so the checkpointer's best is the loop's (ties go to the earliest).
-        new_best = evaluated and best is evals[-1]
-        ckpt_metrics = {"val_accuracy": best["accuracy"], "val_loss": best["loss"]} if new_best else None
-        checkpointer.save(state, metrics=ckpt_metrics, metadata={"evals": evals, "bad_evals": bad_evals},
-                          force=True)
-      if stopped_early:
-        log(f"early stopping at step {step}: no improvement in {config.patience} evaluations; "
-            f"restoring step {best['step']}")
-        checkpointer.wait()
-        state, _ = checkpointer.restore(state, step=best["step"])
-        break
+    if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, last)):
+      # The step's loss was computed before its update, so check what would be saved: params and their eval.
+      if not _all_finite(state.params) or (evaluated and not math.isfinite(evals[-1]["loss"])):
+        raise FloatingPointError(f"parameters or {eval_split} loss not finite after step {step}; not "
+                                 f"checkpointed; last good checkpoint: step {_finish_saves(checkpointer)}")
+      # Only a strict new best is ranked, so the checkpointer's best is the loop's (ties go to the earliest).
+      new_best = evaluated and best is evals[-1]
+      ckpt_metrics = {"val_accuracy": best["accuracy"], "val_loss": best["loss"]} if new_best else None
+      checkpointer.save(state, metrics=ckpt_metrics, metadata={"evals": evals, "bad_evals": bad_evals},
+                        force=True)
+    if stopped_early:
+      log(f"early stopping at step {step}: no improvement in {config.patience} evaluations; "
+          f"restoring step {best['step']}")
+      checkpointer.wait()
+      state, _ = checkpointer.restore(state, step=best["step"])
+      break
 
   if checkpointer is not None:
     checkpointer.wait()

@@ -1,14 +1,11 @@
 """Dataset loading (IDX, CIFAR python/binary, image folders, TFDS mock, synthetic) and batching."""
 
-import contextlib
 import gzip
 import io
 import os
 import pickle
 import struct
 import tarfile
-import threading
-import time
 
 import numpy as np
 from PIL import Image
@@ -416,40 +413,3 @@ def test_batching_argument_errors():
   with pytest.raises(ValueError, match="batch_size must be > 0"):
     pipeline.TrainBatches(indexed(4), 0)
   assert sources.NAMES == data.NAMES == ("cifar10", "fashion_mnist", "mnist", "synthetic")
-
-
-def _recording_fetch(calls, fail_at=None):
-  def fetch(k):
-    calls.append((k, threading.current_thread().name))
-    time.sleep(0.002 * (k % 3))  # uneven fetch times must not reorder anything
-    if k == fail_at:
-      raise OSError(f"cannot read batch {k}")
-    return {"step": k}
-  return fetch
-
-
-@pytest.mark.parametrize("depth", [0, 1, 3])
-def test_prefetch_yields_what_a_plain_loop_would_in_order(depth):
-  calls = []
-  got = list(pipeline.prefetch(_recording_fetch(calls), 5, 17, depth))
-  assert got == [{"step": k} for k in range(5, 17)]
-  assert [k for k, _ in calls] == list(range(5, 17))  # each step fetched once, in order
-  threads = {name for _, name in calls}
-  assert threads == ({threading.current_thread().name} if depth == 0 else {"dlcore-prefetch_0"})
-
-
-def test_prefetch_raises_a_fetch_error_where_that_item_is_consumed():
-  batches = pipeline.prefetch(_recording_fetch([], fail_at=3), 0, 10, depth=2)
-  assert [next(batches)["step"] for _ in range(3)] == [0, 1, 2]
-  with pytest.raises(OSError, match="cannot read batch 3"):
-    next(batches)
-
-
-def test_closing_prefetch_early_stops_the_worker():
-  calls = []
-  with contextlib.closing(pipeline.prefetch(_recording_fetch(calls), 0, 1000, depth=2)) as batches:
-    assert next(batches) == {"step": 0} and next(batches) == {"step": 1}
-  assert len(calls) <= 2 + 2  # consumed + depth, nothing fetched after closing
-  assert not any(t.name.startswith("dlcore-prefetch") for t in threading.enumerate())
-  with pytest.raises(ValueError, match="prefetch depth"):
-    next(pipeline.prefetch(_recording_fetch([]), 0, 3, depth=-1))

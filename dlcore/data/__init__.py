@@ -1,15 +1,14 @@
 """Data: datasets by name as numpy arrays, seeded resumable batching, preprocessing and on-device augmentation.
 
   sources     load(name, data_dir=..., validation_size=...) -> Dataset (float32 NHWC in [0, 1], int32 labels)
-  pipeline    TrainBatches (shuffled, resumable from any step, per-process slices), EvalBatches (padded + mask),
-              prefetch (the next batches on a background thread)
+  pipeline    TrainBatches (shuffled, resumable from any step, per-process slices), EvalBatches (padded + mask)
   preprocess  fit on train, apply to every split: mean_image, channel_mean, standardize, pca/zca whitening
   augment     jittable (key, images) -> images: flip, crop, jitter, rotate; make('flip,crop') by name
 """
 
 from dlcore.data import augment, preprocess
-from dlcore.data.pipeline import EvalBatches, TrainBatches, prefetch
+from dlcore.data.pipeline import EvalBatches, TrainBatches
 from dlcore.data.sources import NAMES, Dataset, Split, load, read_idx, synthetic
 
-__all__ = ["NAMES", "Dataset", "EvalBatches", "Split", "TrainBatches", "augment", "load", "prefetch", "preprocess",
-           "read_idx", "synthetic"]
+__all__ = ["NAMES", "Dataset", "EvalBatches", "Split", "TrainBatches", "augment", "load", "preprocess", "read_idx",
+           "synthetic"]

@@ -9,26 +9,17 @@ order it would have seen.
 the full size and every batch carries 'mask' (bool, True for real examples), so shapes stay static and padded
 rows are dropped by weighting metrics with the mask.
 
-`prefetch(fetch, start, stop)`: fetch(step) for the coming steps on a background thread, so cutting a batch and
-placing it on the devices overlaps the running step (0.88 -> 0.92 of a resident batch's throughput for the MLP
-on 2 CPU cores, benchmarks/results/throughput_cpu.md).
-
 Multi-host: with process_count P, each process gets the contiguous slice [i * B/P, (i+1) * B/P) of every global
 batch of size B; concatenating the slices of processes 0..P-1 gives the single-process batch. Every process uses
 the same seed. Batches are dicts of numpy arrays ({'image', 'label'} for a `Split`, plus 'mask' for eval).
 """
 
-from collections.abc import Callable, Iterator, Mapping
-import collections
-from concurrent import futures
+from collections.abc import Iterator, Mapping
 import math
-from typing import TypeVar
 
 import numpy as np
 
 from dlcore import checks
-
-T = TypeVar("T")
 
 
 def _arrays(data) -> dict[str, np.ndarray]:
@@ -150,29 +141,3 @@ class EvalBatches:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     for index in range(len(self)):
       yield self.batch_at(index)
-
-
-def prefetch(fetch: Callable[[int], T], start: int, stop: int, depth: int = 2) -> Iterator[T]:
-  """Yields fetch(start), ..., fetch(stop - 1), each computed up to `depth` items ahead on one worker thread.
-
-  Values and order are those of calling `fetch` in a loop (one worker: calls are sequential, in order); an
-  exception in fetch(k) is raised where item k is consumed. Closing the generator (`contextlib.closing`) cancels
-  what is queued and waits for the fetch in progress. depth=0 fetches inline.
-  """
-  checks.non_negative("prefetch depth", depth)
-  if depth == 0:
-    yield from map(fetch, range(start, stop))
-    return
-  with futures.ThreadPoolExecutor(1, thread_name_prefix="dlcore-prefetch") as pool:
-    queued = collections.deque(pool.submit(fetch, k) for k in range(start, min(start + depth, stop)))
-    following = start + len(queued)
-    try:
-      while queued:
-        item = queued.popleft().result()
-        if following < stop:
-          queued.append(pool.submit(fetch, following))
-          following += 1
-        yield item
-    finally:
-      for pending in queued:
-        pending.cancel()
