@@ -1,4 +1,4 @@
-"""Activation functions by name."""
+"""Activation functions by name; `get` also passes a callable through (`jax.nn.silu`, a lambda)."""
 
 from collections.abc import Callable
 
@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from dlcore import checks
+
+__all__ = ["NAMES", "Activation", "get"]
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -25,6 +27,11 @@ _ACTIVATIONS: dict[str, Activation] = {
 NAMES = tuple(sorted(_ACTIVATIONS))
 
 
-def get(name: str) -> Activation:
-  """Returns the activation called `name` (ValueError listing the valid names otherwise)."""
-  return checks.lookup("activation", _ACTIVATIONS, name)
+def get(name_or_fn: str | Activation) -> Activation:
+  """The activation called `name_or_fn`, or `name_or_fn` itself when it is a callable (ValueError listing the
+  valid names otherwise). 'gelu' is the exact erf form; 'leaky_relu' has slope 0.01."""
+  if callable(name_or_fn):
+    return name_or_fn
+  if not isinstance(name_or_fn, str):
+    raise ValueError(f"activation must be a name ({', '.join(NAMES)}) or a callable; got {name_or_fn!r}")
+  return checks.lookup("activation", _ACTIVATIONS, name_or_fn)

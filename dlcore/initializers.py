@@ -18,6 +18,9 @@ import jax.numpy as jnp
 
 from dlcore import checks
 
+__all__ = ["NAMES", "Initializer", "constant", "get", "identity", "is_data_dependent", "lsuv_rescale", "normal",
+           "orthogonal", "uniform"]
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -40,16 +43,19 @@ def _scaled(std_of_fans: Callable[[int, int], float], distribution: str, gain: f
 
 
 def normal(std: float = 0.01) -> Initializer:
+  """N(0, std^2) for every entry, whatever the shape (the lectures' `std * randn`)."""
   checks.non_negative("init_scale (std of normal)", std)
   return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
 
 
 def uniform(scale: float = 0.05) -> Initializer:
+  """U(-scale, scale) for every entry, whatever the shape."""
   checks.non_negative("init_scale (half-width of uniform)", scale)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -scale, scale)
 
 
 def constant(value: float = 0.0) -> Initializer:
+  """Every entry equal to `value`."""
   return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
 
 
@@ -97,15 +103,26 @@ for _alias, _target in (("xavier", "glorot"), ("kaiming", "he")):
 NAMES = tuple(sorted(_FACTORIES))
 
 
-def get(name: str, scale: float | None = None) -> Initializer:
-  """Returns the initialiser called `name`; `scale` as in the module docstring (None: the scheme's default)."""
-  return checks.lookup("initializer", _FACTORIES, name)(scale)
+def get(name_or_fn: str | Initializer, scale: float | None = None) -> Initializer:
+  """The initialiser called `name_or_fn` with `scale` as in the module docstring (None: the scheme's default),
+  or `name_or_fn` itself when it is a callable `(key, shape, dtype) -> array` such as a flax initialiser;
+  `scale` applies to names only, so a callable with a scale is refused rather than the scale ignored."""
+  if callable(name_or_fn):
+    if scale is not None:
+      raise ValueError(f"init_scale={scale!r} applies to a named initializer only; got the callable "
+                       f"{name_or_fn!r} (put the scale inside it)")
+    return name_or_fn
+  if not isinstance(name_or_fn, str):
+    raise ValueError(f"initializer must be a name ({', '.join(NAMES)}) or a callable; got {name_or_fn!r}")
+  return checks.lookup("initializer", _FACTORIES, name_or_fn)(scale)
 
 
-def is_data_dependent(name: str) -> bool:
-  """True for schemes that need `lsuv_rescale` on a data batch after `model.init`."""
-  checks.lookup("initializer", _FACTORIES, name)
-  return name.lower() == "lsuv"
+def is_data_dependent(name_or_fn: str | Initializer) -> bool:
+  """True for schemes that need `lsuv_rescale` on a data batch after `model.init` (only 'lsuv')."""
+  if callable(name_or_fn):
+    return False
+  get(name_or_fn)
+  return name_or_fn.lower() == "lsuv"
 
 
 def _is_linear(module, method_name) -> bool:

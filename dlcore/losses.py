@@ -16,6 +16,9 @@ import jax.numpy as jnp
 
 from dlcore import checks, masks
 
+__all__ = ["LOSSES", "PENALTIES", "Loss", "accuracy", "cross_entropy", "elastic_net", "get", "hinge", "l1", "l2", "mse",
+           "penalty"]
+
 Loss = Callable[..., jax.Array]
 
 
@@ -64,13 +67,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
 def hinge(logits: jax.Array, labels: jax.Array, *, delta: float = 1.0) -> jax.Array:
   """Multiclass SVM hinge (Weston & Watkins 1999): sum_{j != y} max(0, s_j - s_y + delta).
 
-  delta (>= 0) is the margin by which the correct score must beat every other score to cost nothing.
+  delta (>= 0) is the margin by which the correct score must beat every other score to cost nothing. At an
+  exact tie (s_j - s_y + delta == 0) the subgradient is 0, as in cs231n and PyTorch's multi_margin_loss.
   """
   checks.non_negative("delta", delta)
   logits, labels = _as_float(jnp.asarray(logits)), jnp.asarray(labels)
   _check_labels(logits, labels)
   num_classes = logits.shape[-1]
-  margins = jnp.maximum(0.0, logits - _label_logit(logits, labels)[..., None] + delta)
+  margins = jax.nn.relu(logits - _label_logit(logits, labels)[..., None] + delta)  # relu'(0) = 0
   is_label = labels[..., None] == jnp.arange(num_classes)
   per_example = jnp.sum(jnp.where(is_label, 0.0, margins), axis=-1)
   return jnp.mean(_nan_if_invalid(per_example, labels, num_classes))

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["PERCENTILES", "activations", "gradients", "layer_activations", "saturation", "summarize"]
+
 PERCENTILES = (1, 15, 50, 85, 99)
 
 
@@ -52,12 +54,18 @@ def activations(model, variables, inputs, *, train: bool = False, rngs=None) -> 
 def gradients(model, variables, inputs, upstream_key, *, train: bool = False) -> list[dict]:
   """Backpropagates a unit-Gaussian upstream gradient g from the output (loss = sum(output * g)).
 
-  Returns, per layer in call order, {'name', 'grad': dL/d(post-activation), 'weight_grad': dL/d(kernel)}.
-  Uses flax `perturb`: dL/d(perturbation) is dL/d(post). Gradient trees come back with sorted keys
-  ('layer10' before 'layer2'), so the order is taken from an un-jitted forward pass.
+  Returns, per layer in call order, {'name', 'grad': dL/d(post-activation), 'weight_grad': dL/d(kernel), or
+  None when the layer owns no single kernel (a ResNet block)}. dL/d(post) is the gradient with respect to a
+  zero 'perturbations' entry that `layers.record` adds to each layer's output (flax `perturb`); the
+  perturbations are built here from the recorded shapes, so the model's own variables never carry them.
   """
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))["perturbations"]
-  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  def recorded(v):
+    return model.apply(v, inputs, train=train, mutable=["intermediates", "batch_stats"])[1]["intermediates"]
+
+  shapes = traverse_util.flatten_dict(jax.eval_shape(recorded, variables))
+  perturbations = traverse_util.unflatten_dict(
+      {path[:-1] + ("post",): jnp.zeros(s[-1].shape, s[-1].dtype) for path, s in shapes.items()
+       if path[-1] == "post"})
   out_shape = jax.eval_shape(lambda: model.apply(variables, inputs, train=train, mutable=["batch_stats"])[0])
   upstream = jax.random.normal(upstream_key, out_shape.shape, out_shape.dtype)
 

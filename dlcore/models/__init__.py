@@ -1,21 +1,34 @@
-"""Models by name, and variable initialisation that keeps only what training needs."""
+"""Models by name, their options, and variable initialisation that keeps only what training needs.
+
+Every model is a `flax.linen` module on NHWC images (the MLP flattens any input) called as
+`model.apply({'params': p, 'batch_stats': s}, x, train=..., rngs={'dropout': k}, mutable=['batch_stats'] if
+train else False)`; `init` returns `params` (and `batch_stats` where there is BatchNorm) and nothing else.
+All take the options of `models.base.Model` by keyword; `options(name)` lists what a registered name takes.
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from dlcore import checks, initializers
+from dlcore.models.base import Model
 from dlcore.models.convnets import CifarConvNet, LeNet5
 from dlcore.models.mlp import MLP
-from dlcore.models.resnet import ResNet
+from dlcore.models.resnet import SHORTCUTS, BasicBlock, ResNet
 
+__all__ = ["DTYPES", "NAMES", "SHORTCUTS", "BasicBlock", "CifarConvNet", "LeNet5", "MLP", "Model", "ResNet",
+           "compute_dtype", "get", "init_variables", "options"]
+
+# name -> (class, options the name fixes)
 _MODELS = {
-    "mlp": MLP,
-    "lenet5": LeNet5,
-    "cifar_convnet": CifarConvNet,
-    "resnet": ResNet,
-    "resnet8": lambda **kw: ResNet(blocks_per_stage=1, **kw),
-    "resnet20": lambda **kw: ResNet(blocks_per_stage=3, **kw),
-    "resnet32": lambda **kw: ResNet(blocks_per_stage=5, **kw),
+    "mlp": (MLP, {}),
+    "lenet5": (LeNet5, {}),
+    "cifar_convnet": (CifarConvNet, {}),
+    "resnet": (ResNet, {}),
+    "resnet8": (ResNet, {"blocks_per_stage": 1}),
+    "resnet20": (ResNet, {"blocks_per_stage": 3}),
+    "resnet32": (ResNet, {"blocks_per_stage": 5}),
 }
 
 NAMES = tuple(sorted(_MODELS))
@@ -23,9 +36,21 @@ NAMES = tuple(sorted(_MODELS))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def options(name: str) -> tuple[str, ...]:
+  """The keyword options that `get(name, ...)` accepts, in declaration order."""
+  cls, fixed = checks.lookup("model", _MODELS, name)
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in fixed and f.name not in ("parent", "name"))
+
+
 def get(name: str, **kwargs):
-  """Builds the model called `name` with its keyword hyperparameters (ValueError listing names otherwise)."""
-  return checks.lookup("model", _MODELS, name)(**kwargs)
+  """Builds the model called `name` (one of NAMES) with keyword options; ValueError naming the model, the
+  options it does not take and the ones it does, so no option is silently dropped."""
+  cls, fixed = checks.lookup("model", _MODELS, name)
+  allowed = options(name)
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(allowed)}")
+  return cls(**fixed, **kwargs)
 
 
 def compute_dtype(name: str):
@@ -34,7 +59,7 @@ def compute_dtype(name: str):
 
 
 def init_variables(model, rng: jax.Array, sample: jax.Array, *, lsuv_batch: jax.Array | None = None) -> dict:
-  """`model.init` on `sample`, keeping only `params` and `batch_stats` (an empty dict when the model has none).
+  """`model.init` on `sample`, as {'params', 'batch_stats'} (an empty dict when the model has no BatchNorm).
 
   With `lsuv_batch` and a model whose `initializer` is 'lsuv', the kernels are then LSUV-rescaled on it.
   """
