@@ -2,10 +2,18 @@
 
 Host-device transfers happen only at logging, eval and checkpoint points; between them the compiled step runs
 back to back (JAX dispatches asynchronously, so the next host batch is cut while the device computes).
-Restarting `fit` with the same checkpointer resumes from the latest checkpoint on the same batch order
-(`TrainBatches.batch_at(step)`), so an interrupted run ends where an uninterrupted one would.
+
+Training batches come from any source; what resume means depends on it:
+- an object with `batch_at(step)` (`dlcore.data.TrainBatches`): the batch of step k is a pure function of k, so
+  a run restarted from the checkpoint of step k sees exactly the batches an uninterrupted run would;
+- an iterator with `get_state()` / `set_state(s)` (grain's `DatasetIterator` and `DataLoader` iterators): its
+  state is saved in every checkpoint and set back on resume, which is equally exact;
+- any other iterable (a plain generator): training continues with whatever it yields next; the loop does not
+  fast-forward it, and says so when it resumes.
+Training stops at `num_steps` or when the source runs out, whichever comes first.
 """
 
+import base64
 from collections.abc import Callable, Iterable
 import dataclasses
 import math
@@ -18,6 +26,8 @@ import numpy as np
 
 from dlcore import checks, parallel, train
 from dlcore.state import TrainState
+
+__all__ = ["LoopConfig", "LoopResult", "evaluate", "fit", "format_eta", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +48,44 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class LoopResult:
+  """What `fit` returns: the final state (the best one after early stopping), every evaluation, the best."""
   state: TrainState
   evals: list[dict]          # {'step', 'loss', 'accuracy'} per evaluation, this run and resumed ones
   best_step: int | None      # step of the best evaluation
   stopped_early: bool
 
 
-def _due(step: int, every: int, last: int) -> bool:
-  return step == last or (every > 0 and step % every == 0)
+def _due(step: int, every: int, final: bool) -> bool:
+  return final or (every > 0 and step % every == 0)
+
+
+class _Batches:
+  """One interface over the training sources of the module docstring: next() gives a batch or None at the end."""
+
+  def __init__(self, source, step: int):
+    self._source, self._step = source, step
+    self.seeded = hasattr(source, "batch_at")
+    self._it = None if self.seeded else iter(source)
+    self.stateful = not self.seeded and hasattr(self._it, "get_state") and hasattr(self._it, "set_state")
+
+  def next(self):
+    if self.seeded:
+      batch = self._source.batch_at(self._step)
+    else:
+      batch = next(self._it, None)
+    self._step += 1
+    return batch
+
+  def get_state(self):
+    """The iterator's position as JSON (None for seeded and stateless sources)."""
+    if not self.stateful:
+      return None
+    position = self._it.get_state()
+    return {"b64": base64.b64encode(position).decode()} if isinstance(position, bytes) else position
+
+  def set_state(self, saved) -> None:
+    self._it.set_state(base64.b64decode(saved["b64"]) if isinstance(saved, dict) and set(saved) == {"b64"}
+                       else saved)
 
 
 def evaluate(state: TrainState, eval_step: Callable, batches: Iterable[dict],
@@ -80,7 +120,8 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
         on_step: Callable[[int, TrainState], None] | None = None) -> LoopResult:
   """Trains `state` to `config.num_steps` steps with the compiled `train_step` and `eval_step`.
 
-  train_batches: has `batch_at(step)` and `batch_size`; eval_batches: an iterable of masked batches.
+  train_batches: a source of batches {'image': [N, ...], 'label': [N]} as in the module docstring (batch_at,
+  a grain iterator, or any iterable); eval_batches: an iterable of batches with an optional 'mask' (or None).
   checkpointer: a dlcore.checkpoint.Checkpointer (needed for resume and early stopping); writer: a
   dlcore.summaries.MetricWriter; put_batch places a host batch on the devices (dlcore.parallel);
   on_step(step, state) runs on the host after every step (e.g. collecting snapshot-ensemble members).
@@ -89,43 +130,61 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   if config.patience and checkpointer is None:
     raise ValueError("patience > 0 (early stopping) needs a checkpointer to restore the best state from")
   evals, best, bad_evals = [], None, 0
+  resumed_data = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
     evals, bad_evals = meta.get("evals", []), meta.get("bad_evals", 0)
+    resumed_data = meta.get("data_iterator")
     best = max(evals, key=lambda e: (e["accuracy"], -e["step"])) if evals else None
     log(f"resumed from step {int(state.step)} of {checkpointer.directory}")
     if writer is not None:
       writer.truncate_after(int(state.step))
 
   step, last = int(state.step), config.num_steps
-  sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0
+  batches = _Batches(train_batches, step)
+  if step and not batches.seeded:
+    if batches.stateful and resumed_data is not None:
+      batches.set_state(resumed_data)
+    else:
+      log(f"resuming at step {step} from an iterable without batch_at/get_state: training continues with the "
+          "batches it yields next, not those an uninterrupted run would have seen")
+  sums, count, window_start, window_images = None, 0, time.perf_counter(), 0
   run_start, run_start_step = time.perf_counter(), step
   stopped_early = False
-  while step < last:
-    state, metrics = train_step(state, put_batch(train_batches.batch_at(step)))
+  batch = batches.next() if step < last else None
+  if batch is None and step < last:
+    raise ValueError(f"train_batches yielded no batch at step {step}")
+  while batch is not None:
+    placed = put_batch(batch)
+    data_position = batches.get_state()
+    state, metrics = train_step(state, placed)
     step += 1
+    batch = batches.next() if step < last else None
+    final = batch is None
+    if final and step < last:
+      log(f"train_batches ran out after step {step} (num_steps {last}): stopping here")
     if on_step is not None:
       on_step(step, state)
     sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
     count += 1
-    window_steps += 1
+    window_images += jax.tree.leaves(placed)[0].shape[0]
 
-    if _due(step, config.log_every, last):
+    if _due(step, config.log_every, final):
       means = {k: float(v) / count for k, v in sums.items()}
       if not math.isfinite(means["loss"]):
         good = None if checkpointer is None else _finish_saves(checkpointer)
         raise FloatingPointError(f"training loss is {means['loss']} at step {step} (mean of steps "
                                  f"{step - count + 1}..{step}); last good checkpoint: step {good}")
       elapsed = time.perf_counter() - window_start
-      means["images_per_sec"] = window_steps * train_batches.batch_size / elapsed
+      means["images_per_sec"] = window_images / elapsed
       rate = (step - run_start_step) / (time.perf_counter() - run_start)
       log(f"step {step}/{last}  loss {means['loss']:.4f}  acc {means['accuracy']:.4f}  "
           f"{means['images_per_sec']:.0f} img/s  ETA {format_eta((last - step) / rate)}")
       if writer is not None:
         writer.write(step, "train", means)
-      sums, count, window_start, window_steps = None, 0, time.perf_counter(), 0
+      sums, count, window_start, window_images = None, 0, time.perf_counter(), 0
 
-    evaluated = eval_batches is not None and _due(step, config.eval_every, last)
+    evaluated = eval_batches is not None and _due(step, config.eval_every, final)
     if evaluated:
       result = {"step": step, **evaluate(state, eval_step, eval_batches, put_batch)}
       evals.append(result)
@@ -139,7 +198,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
         writer.write(step, eval_split, {"loss": result["loss"], "accuracy": result["accuracy"]})
       stopped_early = bool(config.patience) and bad_evals >= config.patience
 
-    if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, last)):
+    if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, final)):
       # The step's loss was computed before its update, so check what would be saved: params and their eval.
       if not _all_finite(state.params) or (evaluated and not math.isfinite(evals[-1]["loss"])):
         raise FloatingPointError(f"parameters or {eval_split} loss not finite after step {step}; not "
@@ -147,8 +206,10 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
       # Only a strict new best is ranked, so the checkpointer's best is the loop's (ties go to the earliest).
       new_best = evaluated and best is evals[-1]
       ckpt_metrics = {"val_accuracy": best["accuracy"], "val_loss": best["loss"]} if new_best else None
-      checkpointer.save(state, metrics=ckpt_metrics, metadata={"evals": evals, "bad_evals": bad_evals},
-                        force=True)
+      metadata = {"evals": evals, "bad_evals": bad_evals}
+      if data_position is not None:
+        metadata["data_iterator"] = data_position
+      checkpointer.save(state, metrics=ckpt_metrics, metadata=metadata, force=True)
     if stopped_early:
       log(f"early stopping at step {step}: no improvement in {config.patience} evaluations; "
           f"restoring step {best['step']}")
