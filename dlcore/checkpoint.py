@@ -26,6 +26,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from dlcore import checks
 from dlcore.state import TrainState
 
+__all__ = ["Checkpointer"]
+
 _ARRAYS = ("params", "batch_stats", "opt_state", "rng")
 _RESERVED = ("step", "metrics")
 

@@ -6,11 +6,14 @@ Errors name the argument, the value given and what is allowed, so a bad flag is 
 from collections.abc import Mapping
 from typing import TypeVar
 
+__all__ = ["in_range", "lookup", "non_negative", "one_of", "positive"]
+
 T = TypeVar("T")
 
 
 def lookup(kind: str, table: Mapping[str, T], name: str) -> T:
-  """Returns `table[name]`, or raises a ValueError listing the valid names of this `kind`."""
+  """Returns `table[name]`, or raises a ValueError listing the valid names of this `kind` (e.g. 'optimizer').
+  A string name is lower-cased first ('ReLU' finds 'relu'), so the keys of `table` must be lower-case."""
   key = name.lower() if isinstance(name, str) else name
   if key not in table:
     raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(table))}")
@@ -18,14 +21,14 @@ def lookup(kind: str, table: Mapping[str, T], name: str) -> T:
 
 
 def positive(arg: str, value: float) -> float:
-  """Requires value > 0."""
+  """Returns `value` if value > 0, else raises a ValueError naming `arg` and the value given (NaN fails)."""
   if not value > 0:
     raise ValueError(f"{arg} must be > 0, got {value!r}")
   return value
 
 
 def non_negative(arg: str, value: float) -> float:
-  """Requires value >= 0."""
+  """Returns `value` if value >= 0, else raises a ValueError naming `arg` and the value given (NaN fails)."""
   if not value >= 0:
     raise ValueError(f"{arg} must be >= 0, got {value!r}")
   return value
@@ -33,7 +36,8 @@ def non_negative(arg: str, value: float) -> float:
 
 def in_range(arg: str, value: float, low: float, high: float, *, low_open: bool = False,
              high_open: bool = False) -> float:
-  """Requires value in the interval low..high, each end open or closed as asked."""
+  """Returns `value` if it lies in [low, high] (an end is open instead with `low_open` / `high_open`), else raises
+  a ValueError naming `arg`, the interval and the value given."""
   ok_low = value > low if low_open else value >= low
   ok_high = value < high if high_open else value <= high
   if not (ok_low and ok_high):
@@ -43,7 +47,8 @@ def in_range(arg: str, value: float, low: float, high: float, *, low_open: bool 
 
 
 def one_of(arg: str, value: str, allowed: tuple[str, ...]) -> str:
-  """Requires value to be one of `allowed`."""
+  """Returns `value` if it is one of `allowed` (compared exactly, case included), else raises a ValueError naming
+  `arg`, the allowed values and the value given."""
   if value not in allowed:
     raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
   return value

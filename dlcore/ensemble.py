@@ -4,9 +4,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+__all__ = ["average", "report", "scores"]
+
 
 def average(member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
-  """Mean of the members' [N, classes] probability arrays."""
+  """Mean of the members' probability arrays ({name: [N, classes]}), as [N, classes]; ValueError when there are
+  no members or their shapes differ."""
   if not member_probs:
     raise ValueError("an ensemble needs at least one member, got none")
   shapes = {name: p.shape for name, p in member_probs.items()}
@@ -16,7 +19,8 @@ def average(member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """Accuracy and mean negative log-likelihood of probabilities against integer labels."""
+  """{'accuracy', 'loss'} of probabilities [N, classes] against integer labels [N], as floats: the fraction whose
+  argmax is the label and the mean negative log of the label's probability (clipped below at 1e-12)."""
   picked = probs[np.arange(len(labels)), labels]
   return {"accuracy": float(np.mean(np.argmax(probs, -1) == labels)),
           "loss": float(-np.mean(np.log(np.clip(picked, 1e-12, None))))}

@@ -20,6 +20,8 @@ from jax.flatten_util import ravel_pytree
 
 from dlcore import checks
 
+__all__ = ["Comparison", "check_params", "compare", "max_relative_error"]
+
 
 class Comparison(NamedTuple):
   """Checked flat coordinates (in `ravel_pytree` order) with their analytic and numeric gradients and errors."""
@@ -73,7 +75,8 @@ def _compare(f, x, eps: float, tiny: float, index: np.ndarray) -> Comparison:
 
 def compare(f, x, *, eps: float = 1e-6, num_checks: int | None = None, seed: int = 0,
             tiny: float = 1e-12) -> Comparison:
-  """The per-coordinate comparison behind `max_relative_error`, to see *which* coordinates disagree."""
+  """The per-coordinate comparison behind `max_relative_error` (same arguments), to see *which* coordinates
+  disagree: a `Comparison` of the checked flat coordinates, in `ravel_pytree` order."""
   return _compare(f, x, eps, tiny, _flat_index(x, num_checks, seed))
 
 

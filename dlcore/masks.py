@@ -7,6 +7,8 @@ scale, and penalising them only fights the normalisation).
 import jax
 from flax import traverse_util
 
+__all__ = ["weights", "weights_mask"]
+
 
 def weights_mask(params):
   """A pytree like `params` holding True at every leaf named 'kernel' and False elsewhere."""

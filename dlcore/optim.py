@@ -39,6 +39,9 @@ import optax
 
 from dlcore import checks, masks
 
+__all__ = ["OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_MODES", "DecoupledDecayState", "LearningRate", "optimizer",
+           "schedule", "schedule_params", "sgdr_cycle_ends"]
+
 LearningRate = float | optax.Schedule
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
@@ -48,6 +51,7 @@ WEIGHT_DECAY_MODES = ("decoupled", "l2")
 # Optimisers.
 
 class DecoupledDecayState(NamedTuple):
+  """Optimiser state of the decoupled weight decay (adamw, weight_decay_mode='decoupled'): the update count."""
   count: jax.Array  # updates done so far: the schedule's step
 
 

@@ -37,6 +37,10 @@ import optax
 
 from dlcore import checks
 
+__all__ = ["AXIS", "BN_STATS", "CPU_COMPILER_OPTIONS", "batch_sharding", "check_batch_size", "compile_eval_step",
+           "compile_train_step", "compiler_options", "initialize_distributed", "make_mesh", "replicate",
+           "replicated_sharding", "shard_batch", "to_host"]
+
 AXIS = "data"
 BN_STATS = ("global", "local")
 
@@ -241,9 +245,9 @@ def _local_bn_step(train_step: Callable, mesh: Mesh) -> Callable:
   return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
 
 
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK, whose convolution gradients are 2-7x slower than XLA's own;
-# keeping YNNPACK for dots and reductions only made the CIFAR ConvNet 1.7x and ResNet-20 2.1x faster with the
-# MLP unchanged (benchmarks/results/cpu_tuning.md). Results stay deterministic but differ in rounding.
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK, whose convolution gradients are slower than XLA's own;
+# keeping YNNPACK for dots and reductions only speeds up the conv nets and leaves the MLP unchanged (measured in
+# benchmarks/results/cpu_tuning.md). Results stay deterministic but differ in rounding.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 

@@ -1,10 +1,10 @@
 """2-D max and average pooling (NHWC) with flax's semantics and backward passes that are cheap on XLA:CPU.
 
 XLA:CPU expands the gradient of a max-pool (select-and-scatter) into iota tensors, a variadic reduce-window and
-a scatter: 70-80 ms of a 140 ms CIFAR ConvNet step (benchmarks/results/cpu_tuning.md). Here the forward pass is
-the same reduce-window and the backward routes each output gradient to the FIRST maximum of its window (as
-select-and-scatter does), with one compare/select and one strided pad per window tap, which XLA fuses into
-loops: 1.36x on that step. Average pooling is a sum of strided slices (count_include_pad, flax's default).
+a scatter, about half of a CIFAR ConvNet step (benchmarks/results/cpu_tuning.md has the measurements). Here the
+forward pass is the same reduce-window and the backward routes each output gradient to the FIRST maximum of its
+window (as select-and-scatter does), with one compare/select and one strided pad per window tap, which XLA fuses
+into loops. Average pooling is a sum of strided slices (count_include_pad, flax's default).
 
 On CPU `max_pool` and `avg_pool` use these forms; on other backends flax's, whose select-and-scatter is native.
 The custom max-pool gradient supports reverse-mode differentiation only (no `jax.jvp`/forward-over-reverse).
@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+__all__ = ["avg_pool", "max_pool"]
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -74,7 +76,9 @@ def _custom(x: jax.Array, window_shape: Sequence[int]) -> bool:
 
 def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
              padding="VALID") -> jax.Array:
-  """`flax.linen.max_pool`; NHWC inputs with 2-D windows on CPU take the custom gradient above."""
+  """Max pooling with `flax.linen.max_pool`'s arguments and results (strides default to 1; padding 'VALID',
+  'SAME' or ((top, bottom), (left, right))); NHWC inputs with 2-D windows on CPU take the custom gradient of the
+  module docstring, which supports reverse mode only."""
   if not _custom(x, window_shape):
     return nn.max_pool(x, tuple(window_shape), strides, padding)
   window, strides = tuple(window_shape), tuple(strides or (1, 1))
@@ -83,7 +87,8 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
 
 def avg_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
              padding="VALID") -> jax.Array:
-  """`flax.linen.avg_pool` (padding counted in the mean); NHWC 2-D on CPU as a sum of strided slices."""
+  """Average pooling with `flax.linen.avg_pool`'s arguments and results (padded zeros count in the mean); NHWC
+  inputs with 2-D windows on CPU are computed as a sum of strided slices."""
   if not _custom(x, window_shape):
     return nn.avg_pool(x, tuple(window_shape), strides, padding)
   window, strides = tuple(window_shape), tuple(strides or (1, 1))

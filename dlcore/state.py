@@ -13,8 +13,13 @@ import optax
 
 from dlcore import models
 
+__all__ = ["TrainState", "create"]
+
 
 class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, opt_state; static `apply_fn` and `tx`) plus BatchNorm `batch_stats` and the
+  PRNG key `rng`, which stays fixed: step t draws its keys from `fold_in(rng, t)`. Build one with `create`;
+  `apply_gradients(grads=g, batch_stats=s)` applies one optimiser update and increments `step`."""
   batch_stats: Any
   rng: jax.Array
 
@@ -25,7 +30,9 @@ class TrainState(train_state.TrainState):
 
 def create(model: nn.Module, tx: optax.GradientTransformation, sample: jax.Array, seed: int,
            *, lsuv_batch: jax.Array | None = None) -> TrainState:
-  """Initialises `model` on `sample` (one batch of inputs) with PRNG seed `seed`; LSUV needs `lsuv_batch`."""
+  """A TrainState at step 0 for `model` initialised on `sample` (one batch of inputs, e.g. NHWC images) with PRNG
+  seed `seed` (`models.init_variables`); given `lsuv_batch`, a model whose initializer is 'lsuv' then has its
+  kernels LSUV-rescaled on it."""
   init_key, step_key = jax.random.split(jax.random.key(seed))
   variables = models.init_variables(model, init_key, sample, lsuv_batch=lsuv_batch)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,

@@ -3,9 +3,12 @@
 import json
 import os
 
+__all__ = ["MetricWriter", "read"]
+
 
 class MetricWriter:
-  """Appends {'step', 'split', **metrics} records; `enabled=False` (processes other than 0) writes nothing."""
+  """Appends {'step', 'split', **metrics} records to `workdir/metrics.jsonl` and TensorBoard scalars to
+  `workdir/tensorboard`; `enabled=False` (processes other than 0) writes nothing."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -17,6 +20,8 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    """Records `metrics` (name -> number or scalar array, stored as float) of `split` ('train', 'validation', ...)
+    at `step`: one JSON line, and one TensorBoard scalar '<split>/<name>' each, flushed at once."""
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
@@ -35,6 +40,7 @@ class MetricWriter:
       os.replace(self.path + ".tmp", self.path)
 
   def close(self) -> None:
+    """Closes the TensorBoard writer (metrics.jsonl is opened per write and needs no closing)."""
     if self._tb is not None:
       self._tb.close()
 

@@ -15,6 +15,8 @@ import optax
 from dlcore import checks, losses
 from dlcore.state import TrainState
 
+__all__ = ["Metrics", "make_eval_step", "make_train_step", "summarize"]
+
 Metrics = dict[str, jax.Array]
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from dlcore import activations, checks, initializers, layers, models, stats
-from experiments import common
+from . import common
 
 # The lecture's cases: (nonlinearity, init, init_scale, batchnorm).
 LECTURE_CASES = (
@@ -145,11 +145,20 @@ def layer_table(result: dict, input_stats: dict) -> str:
   return common.format_table(header, rows)
 
 
+SINGLE_CASE_FLAGS = ("nonlinearity", "init", "init_scale", "batchnorm")
+
+
 def main(argv):
   del argv
   if FLAGS.compare:
+    unused = [f"--{name}" for name in SINGLE_CASE_FLAGS if FLAGS[name].present]
+    if unused:
+      raise app.UsageError(f"{', '.join(unused)} would be ignored with --compare; describe each case in --cases "
+                           "(nonlinearity:init[:init_scale][:before|after])")
     cases = [Case.parse(c) for c in FLAGS.cases]
   else:
+    if FLAGS["cases"].present:
+      raise app.UsageError("--cases is read only with --compare")
     cases = [Case(FLAGS.nonlinearity, FLAGS.init, FLAGS.init_scale, FLAGS.batchnorm)]
   for name in ("batch", "input_dim"):
     checks.positive(f"--{name}", FLAGS[name].value)
@@ -189,7 +198,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_main(main, __name__)
 
 
 if __name__ == "__main__":

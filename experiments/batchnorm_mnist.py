@@ -21,13 +21,12 @@ import os
 import shutil
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from dlcore import checks, data, loop, models, optim, parallel, state as state_lib, stats, summaries, train
-from experiments import common
+from . import common
 
 HIDDEN = (100, 100, 100)
 LAYER = f"layer{len(HIDDEN) - 1}"  # the last hidden layer
@@ -334,7 +333,7 @@ def define_flags() -> None:
 
 def run():
   define_flags()
-  app.run(main)
+  common.run_main(main, __name__)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 
+from absl import app
 from absl import flags
 from absl import logging
 import matplotlib
@@ -55,6 +57,17 @@ def format_table(header: list[str], rows: list[list]) -> str:
   lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def run_main(main, module_name: str) -> None:
+  """`app.run(main)` with `--help` listing the flags of `module_name`: absl lists those of the __main__ module,
+  which for an installed console script is a wrapper defining none."""
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  main_module = sys.modules["__main__"]
+  if not main_module.__doc__:  # absl prints it above the flags
+    main_module.__doc__ = sys.modules[module_name].__doc__
+  app.run(main)
 
 
 def quiet_logs() -> None:

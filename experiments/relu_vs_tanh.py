@@ -38,12 +38,11 @@ import os
 import shutil
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from dlcore import activations, checkpoint, checks, data, initializers, loop, optim, parallel, summaries, train
-from experiments import common, train_lib
+from . import common, train_lib
 
 PAPER_SPEEDUP = 6.0
 LINESTYLES = ("-", "--", ":", "-.")
@@ -612,7 +611,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  common.run_main(main, __name__)
 
 
 if __name__ == "__main__":

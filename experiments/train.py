@@ -8,13 +8,12 @@ Running the same command again resumes from the latest checkpoint; a different c
 refused unless --overwrite. Multi-device and multi-host: see README "Scaling out".
 """
 
-from absl import app
 from absl import flags
 import jax
 from jax.experimental import multihost_utils
 
 from dlcore import activations, data, initializers, layers, losses, models, optim, parallel
-from experiments import common, train_lib
+from . import common, train_lib
 
 D = train_lib.DEFAULTS
 FLAGS = flags.FLAGS
@@ -32,9 +31,16 @@ flags.DEFINE_list("hidden", [str(h) for h in D["hidden"]], "MLP hidden widths.")
 flags.DEFINE_enum("activation", D["activation"], activations.NAMES, "Activation.")
 flags.DEFINE_enum("init", D["init"], initializers.NAMES, "Weight initialiser.")
 flags.DEFINE_float("init_scale", D["init_scale"], "std for init=normal; gain for fan-based schemes.")
-flags.DEFINE_enum("batchnorm", D["batchnorm"], layers.BATCHNORM_PLACES, "BatchNorm placement.")
-flags.DEFINE_float("keep_prob", D["keep_prob"], "Dropout keep probability p (1: no dropout).")
-flags.DEFINE_enum("dropout_mode", D["dropout_mode"], layers.DROPOUT_MODES, "Dropout form.")
+flags.DEFINE_enum("batchnorm", D["batchnorm"], layers.BATCHNORM_PLACES, "BatchNorm relative to each hidden "
+                  "unit's nonlinearity (unset: the model's default, 'before' for ResNets, else 'none').")
+flags.DEFINE_float("bn_momentum", D["bn_momentum"], "BatchNorm running-average momentum.")
+flags.DEFINE_enum("bn_running_var", D["bn_running_var"], layers.RUNNING_VARS, "Batch variance the running "
+                  "average keeps: biased (flax) or unbiased (Ioffe & Szegedy Alg. 2, PyTorch).")
+flags.DEFINE_float("keep_prob", D["keep_prob"], "Dropout keep probability p (1: no dropout); where each model "
+                   "drops: `dlcore.models`.")
+flags.DEFINE_enum("dropout_mode", D["dropout_mode"], layers.DROPOUT_MODES, "Dropout form (needs keep_prob < 1).")
+flags.DEFINE_enum("shortcut", D["shortcut"], models.SHORTCUTS, "ResNet shortcut: projection (He et al. option "
+                  "B) or zero_pad (option A).")
 flags.DEFINE_enum("loss", D["loss"], losses.LOSSES, "Data loss.")
 flags.DEFINE_float("label_smoothing", D["label_smoothing"], "Label smoothing for cross_entropy.")
 flags.DEFINE_float("hinge_delta", D["hinge_delta"], "Margin for the hinge loss.")
@@ -121,7 +127,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_main(main, __name__)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 
 from dlcore import checkpoint, data, ensemble, loop, models, optim, parallel, state as state_lib, summaries, train
-from experiments import common
+from . import common
 
 DEFAULTS = {
     "dataset": "fashion_mnist", "data_dir": None, "download": False, "validation_size": -1, "preprocess": "none", "augment": "",
     "model": "mlp", "hidden": [512, 512], "activation": "relu", "init": "he_normal", "init_scale": None,
-    "batchnorm": "none", "keep_prob": 1.0, "dropout_mode": "inverted",
+    "batchnorm": None, "bn_momentum": 0.9, "bn_running_var": "biased", "keep_prob": 1.0,
+    "dropout_mode": "inverted", "shortcut": "projection",
     "loss": "cross_entropy", "label_smoothing": 0.0, "hinge_delta": 1.0,
     "penalty": "none", "penalty_strength": 0.0, "l1_ratio": 0.5,
     "optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0,
@@ -35,20 +36,34 @@ DEFAULTS = {
 RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "download", "ensemble")
 
 
-def _model_kwargs(config: dict, num_classes: int) -> dict:
-  name = config["model"]
-  kwargs = {"num_classes": num_classes, "activation": config["activation"], "initializer": config["init"],
-            "dtype": models.compute_dtype(config["dtype"])}
-  if name.startswith("resnet"):
-    return kwargs
-  kwargs.update(init_scale=config["init_scale"], batchnorm=config["batchnorm"], keep_prob=config["keep_prob"])
-  if name == "mlp":
-    kwargs.update(hidden=tuple(config["hidden"]), dropout_mode=config["dropout_mode"])
-  return kwargs
+# Config keys that are model options: key -> the option's name in `dlcore.models`.
+MODEL_KEYS = {"hidden": "hidden", "activation": "activation", "init": "initializer", "init_scale": "init_scale",
+              "batchnorm": "batchnorm", "bn_momentum": "bn_momentum", "bn_running_var": "bn_running_var",
+              "keep_prob": "keep_prob", "dropout_mode": "dropout_mode", "shortcut": "shortcut", "dtype": "dtype"}
 
 
 def build_model(config: dict, num_classes: int):
-  return models.get(config["model"], **_model_kwargs(config, num_classes))
+  """The model `config` names, with every model key it sets; a key set away from its default that the model
+  does not take, or that has no effect in this configuration, is a ValueError naming the key."""
+  config = {**DEFAULTS, **config}
+  name = config["model"]
+  takes = models.options(name)
+  kwargs = {"num_classes": num_classes}
+  for key, option in MODEL_KEYS.items():
+    value = config[key]
+    if option in takes:
+      if value is not None or key != "batchnorm":  # batchnorm None: the model's own default
+        kwargs[option] = {"hidden": tuple, "dtype": models.compute_dtype}.get(key, lambda v: v)(value)
+    elif value != DEFAULTS[key]:
+      raise ValueError(f"{key}={value!r} has no effect on model {name!r}; its options are: {', '.join(takes)}")
+  model = models.get(name, **kwargs)
+  idle = {"dropout_mode": model.keep_prob == 1.0, "bn_momentum": model.batchnorm == "none",
+          "bn_running_var": model.batchnorm == "none"}
+  for key, is_idle in idle.items():
+    if is_idle and config[key] != DEFAULTS[key]:
+      reason = "keep_prob is 1 (no dropout)" if key == "dropout_mode" else "the model has no BatchNorm"
+      raise ValueError(f"{key}={config[key]!r} has no effect: {reason}")
+  return model
 
 
 def check_workdir(workdir: str, config: dict, overwrite: bool) -> None:
@@ -225,7 +240,7 @@ def _predict_other_run(other: str, config: dict, template, batches, put_batch) -
   """Test probabilities of another run's latest checkpoint; its model config must match this run's."""
   with open(os.path.join(other, "config.json")) as f:
     other_config = json.load(f)
-  model_keys = ("dataset", "model", "hidden", "activation", "batchnorm", "keep_prob", "preprocess")
+  model_keys = ("dataset", "preprocess", "model", *MODEL_KEYS)
   diff = [k for k in model_keys if other_config.get(k) != config.get(k)]
   if diff:
     raise ValueError(f"--ensemble member {other} has a different {', '.join(diff)}; members must share the model")

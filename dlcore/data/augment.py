@@ -27,6 +27,9 @@ import jax.numpy as jnp
 
 from dlcore import checks
 
+__all__ = ["NAMES", "PADDING_MODES", "Augmentation", "brightness", "contrast", "crop", "flip", "identity", "jitter",
+           "make", "rotate", "rotate_by", "saturation"]
+
 Augmentation = Callable[[jax.Array, jax.Array], jax.Array]
 PADDING_MODES = ("zero", "reflect")
 
@@ -119,7 +122,8 @@ def contrast(key: jax.Array, images: jax.Array, max_delta: float = 0.2) -> jax.A
 
 
 def saturation(key: jax.Array, images: jax.Array, max_delta: float = 0.2) -> jax.Array:
-  """Blends each RGB image with its grey (luma) version: grey + f * (x - grey), f ~ U(1 -/+ max_delta)."""
+  """Blends each RGB image with its grey (luma) version: grey + f * (x - grey), f ~ U(1 -/+ max_delta). Images
+  whose channel axis is not 3 are returned unchanged."""
   return _saturation(key, images, _delta("saturation max_delta", max_delta))
 
 
@@ -169,6 +173,7 @@ def rotate(key: jax.Array, images: jax.Array, max_degrees: float = 15.0) -> jax.
 
 
 def identity(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Returns `images` unchanged, ignoring `key`: the 'none' op."""
   del key
   return images
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from dlcore import checks
 
+__all__ = ["EvalBatches", "TrainBatches"]
+
 
 def _arrays(data) -> dict[str, np.ndarray]:
   """{'image', 'label'} of a Split, or the arrays of a mapping, checked to share a non-zero leading length."""

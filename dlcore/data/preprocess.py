@@ -9,10 +9,9 @@ Methods, by name (x is one image flattened to D = H*W*C values, statistics over 
   zca_whiten    Xwhite U^T
 where U, S are the eigenvectors / eigenvalues (descending) of the training covariance (X - mean)^T (X - mean) / N
 (the lectures' np.linalg.svd(cov); eigh is the same for a symmetric PSD matrix). eps is in units of variance
-(pixels in [0, 1]). Its default, 1e-2, bounds the gain on near-constant pixels and low-variance directions:
-with the lectures' 1e-5, Fashion-MNIST test inputs reach |x| ~ 190 after standardize and ~ 170 after ZCA (border
-pixels that are almost always 0 in train), with 1e-2 about 10, at the price of a whitened std of ~0.66 rather
-than 1. Pass epsilon=1e-5 to reproduce the lectures' pictures. PCA-whitened rows hold component k at flat
+(pixels in [0, 1]). Its default, 1e-2, bounds the gain on near-constant pixels and low-variance directions: with
+the lectures' 1e-5, test pixels that are almost always 0 in train (Fashion-MNIST's border) are blown up by orders
+of magnitude after standardize or ZCA, at the price of a whitened std below 1. Pass epsilon=1e-5 to reproduce the lectures' pictures. PCA-whitened rows hold component k at flat
 position k, reshaped back to the input's (H, W, C) only to keep shapes static: they have no image structure left.
 
 Two interfaces: `fit(method, train_images) -> Preprocessor` (a frozen object with `.params`, callable on any
@@ -26,6 +25,8 @@ import dataclasses
 import numpy as np
 
 from dlcore import checks
+
+__all__ = ["DEFAULT_EPSILON", "METHODS", "Preprocessor", "apply", "fit", "fit_params", "preprocess_dataset"]
 
 METHODS = ("channel_mean", "mean_image", "none", "pca_whiten", "standardize", "zca_whiten")
 DEFAULT_EPSILON = 1e-2
@@ -113,7 +114,8 @@ def apply(method: str, params: dict[str, np.ndarray], images: np.ndarray) -> np.
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Preprocessor:
-  """A preprocessing method with its fitted statistics; call it on any split."""
+  """A preprocessing method (one of METHODS) with its fitted statistics `params` and `epsilon`; calling it on
+  images (N, ...) of any split returns float32 of the same shape."""
   method: str
   params: dict[str, np.ndarray]
   epsilon: float

@@ -38,6 +38,8 @@ import numpy as np
 
 from dlcore import checks
 
+__all__ = ["IMAGE_EXTENSIONS", "NAMES", "Dataset", "Split", "load", "read_idx", "synthetic"]
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm")
 
 
@@ -78,6 +80,7 @@ class Dataset:
 
   @property
   def eval_split(self) -> Split:
+    """The split called `eval_split_name`: validation when there is one, else test."""
     return self.split(self.eval_split_name)
 
   def split(self, name: str) -> Split:
