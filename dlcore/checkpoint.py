@@ -12,6 +12,7 @@ process finalise. Never guard these calls with `jax.process_index() == 0` -- tha
 visible to every process (shared filesystem or GCS).
 """
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -29,6 +30,17 @@ from dlcore.state import TrainState
 __all__ = ["Checkpointer"]
 
 _ARRAYS = ("params", "batch_stats", "opt_state", "rng")
+
+
+class _QuietUnrankedSaves(logging.Filter):
+  """Drops orbax's warning for a save without metrics: most of ours are unranked on purpose (only a new best
+  is ranked), so it would print once per checkpoint."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Requested `tracked_metric`; did not provide metrics" not in record.getMessage()
+
+
+_QUIET = _QuietUnrankedSaves()
 _RESERVED = ("step", "metrics")
 
 
@@ -104,6 +116,7 @@ class Checkpointer:
         cleanup_tmp_directories=True, create=True, enable_async_checkpointing=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    logging.getLogger("absl").addFilter(_QUIET)  # a set: adding it again is a no-op
 
   def _score(self, metrics: Mapping[str, Any]) -> float:
     value = float(metrics[self.best_metric])

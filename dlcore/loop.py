@@ -14,6 +14,7 @@ Training stops at `num_steps` or when the source runs out, whichever comes first
 """
 
 import base64
+import signal
 from collections.abc import Callable, Iterable
 import dataclasses
 import math
@@ -27,7 +28,7 @@ import numpy as np
 from dlcore import checks, parallel, train
 from dlcore.state import TrainState
 
-__all__ = ["LoopConfig", "LoopResult", "evaluate", "fit", "format_eta", "predict"]
+__all__ = ["LoopConfig", "LoopResult", "StopOnSignals", "evaluate", "fit", "format_eta", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class LoopResult:
   evals: list[dict]          # {'step', 'loss', 'accuracy'} per evaluation, this run and resumed ones
   best_step: int | None      # step of the best evaluation
   stopped_early: bool
+  stopped_by: str | None = None  # the should_stop() reason that ended the run early, e.g. 'SIGTERM'
+
 
 
 def _due(step: int, every: int, final: bool) -> bool:
@@ -117,43 +120,50 @@ def format_eta(seconds: float) -> str:
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batches, eval_batches,
         config: LoopConfig, *, checkpointer=None, writer=None, put_batch: Callable = lambda b: b,
         eval_split: str = "val", log: Callable[[str], None] = logging.info,
-        on_step: Callable[[int, TrainState], None] | None = None) -> LoopResult:
+        on_step: Callable[[int, TrainState], None] | None = None,
+        should_stop: Callable[[], str | None] = lambda: None) -> LoopResult:
   """Trains `state` to `config.num_steps` steps with the compiled `train_step` and `eval_step`.
 
   train_batches: a source of batches {'image': [N, ...], 'label': [N]} as in the module docstring (batch_at,
   a grain iterator, or any iterable); eval_batches: an iterable of batches with an optional 'mask' (or None).
   checkpointer: a dlcore.checkpoint.Checkpointer (needed for resume and early stopping); writer: a
-  dlcore.summaries.MetricWriter; put_batch places a host batch on the devices (dlcore.parallel);
-  on_step(step, state) runs on the host after every step (e.g. collecting snapshot-ensemble members).
-  Raises FloatingPointError on a non-finite loss, naming the step; the last good checkpoint is kept.
+  dlcore.summaries.MetricWriter, whose records past the starting step are dropped first (so a restarted run
+  logs each step once); put_batch places a host batch on the devices (dlcore.parallel); on_step(step, state)
+  runs on the host after every step (e.g. collecting snapshot-ensemble members); should_stop() is asked after
+  every step (with several processes, at log steps, all agreeing) and a reason it returns (e.g. 'SIGTERM') ends
+  the run after checkpointing that step (`LoopResult.stopped_by`). Train metrics are means over each log
+  window; the open window is checkpointed too, so a resumed run logs exactly what an uninterrupted one would.
+  images/s counts training time only. Raises FloatingPointError on a non-finite loss, naming the step; the last
+  good checkpoint is kept.
   """
   if config.patience and checkpointer is None:
     raise ValueError("patience > 0 (early stopping) needs a checkpointer to restore the best state from")
-  evals, best, bad_evals = [], None, 0
-  resumed_data = None
+  evals, best, bad_evals, meta = [], None, 0, {}
   if checkpointer is not None and checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
     evals, bad_evals = meta.get("evals", []), meta.get("bad_evals", 0)
-    resumed_data = meta.get("data_iterator")
     best = max(evals, key=lambda e: (e["accuracy"], -e["step"])) if evals else None
     log(f"resumed from step {int(state.step)} of {checkpointer.directory}")
-    if writer is not None:
-      writer.truncate_after(int(state.step))
+  if writer is not None:
+    writer.truncate_after(int(state.step))
 
   step, last = int(state.step), config.num_steps
   batches = _Batches(train_batches, step)
   if step and not batches.seeded:
-    if batches.stateful and resumed_data is not None:
-      batches.set_state(resumed_data)
+    if batches.stateful and meta.get("data_iterator") is not None:
+      batches.set_state(meta["data_iterator"])
     else:
       log(f"resuming at step {step} from an iterable without batch_at/get_state: training continues with the "
           "batches it yields next, not those an uninterrupted run would have seen")
-  sums, count, window_start, window_images = None, 0, time.perf_counter(), 0
+  window = meta.get("window")  # the log window open at the checkpoint: {'count', 'sums'}
+  sums = None if not window else {k: jnp.asarray(v, jnp.float32) for k, v in window["sums"].items()}
+  count, window_images, window_train_s = (window or {}).get("count", 0), 0, 0.0
   run_start, run_start_step = time.perf_counter(), step
-  stopped_early = False
+  stopped_early, stopped_by = False, None
   batch = batches.next() if step < last else None
   if batch is None and step < last:
     raise ValueError(f"train_batches yielded no batch at step {step}")
+  tick = time.perf_counter()
   while batch is not None:
     placed = put_batch(batch)
     data_position = batches.get_state()
@@ -170,22 +180,27 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
     window_images += jax.tree.leaves(placed)[0].shape[0]
 
     if _due(step, config.log_every, final):
-      means = {k: float(v) / count for k, v in sums.items()}
+      means = {k: float(v) / count for k, v in sums.items()}  # waits for the step: the window's time ends here
+      now = time.perf_counter()
+      window_train_s += now - tick
+      tick = now
       if not math.isfinite(means["loss"]):
         good = None if checkpointer is None else _finish_saves(checkpointer)
         raise FloatingPointError(f"training loss is {means['loss']} at step {step} (mean of steps "
                                  f"{step - count + 1}..{step}); last good checkpoint: step {good}")
-      elapsed = time.perf_counter() - window_start
-      means["images_per_sec"] = window_images / elapsed
-      rate = (step - run_start_step) / (time.perf_counter() - run_start)
+      means["images_per_sec"] = window_images / window_train_s
+      rate = (step - run_start_step) / (now - run_start)  # this process's own steps, evaluations included
       log(f"step {step}/{last}  loss {means['loss']:.4f}  acc {means['accuracy']:.4f}  "
           f"{means['images_per_sec']:.0f} img/s  ETA {format_eta((last - step) / rate)}")
       if writer is not None:
         writer.write(step, "train", means)
-      sums, count, window_start, window_images = None, 0, time.perf_counter(), 0
+      sums, count, window_images, window_train_s = None, 0, 0, 0.0
 
+    if stopped_by is None and (jax.process_count() == 1 or _due(step, config.log_every, final)):
+      stopped_by = _agreed_stop(should_stop())
     evaluated = eval_batches is not None and _due(step, config.eval_every, final)
     if evaluated:
+      window_train_s += _wait(state) - tick
       result = {"step": step, **evaluate(state, eval_step, eval_batches, put_batch)}
       evals.append(result)
       if best is None or result["accuracy"] > best["accuracy"]:
@@ -198,7 +213,10 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
         writer.write(step, eval_split, {"loss": result["loss"], "accuracy": result["accuracy"]})
       stopped_early = bool(config.patience) and bad_evals >= config.patience
 
-    if checkpointer is not None and (evaluated or stopped_early or _due(step, config.checkpoint_every, final)):
+    checkpoint_due = evaluated or stopped_early or stopped_by or _due(step, config.checkpoint_every, final)
+    if checkpointer is not None and checkpoint_due:
+      if not evaluated:
+        window_train_s += _wait(state) - tick
       # The step's loss was computed before its update, so check what would be saved: params and their eval.
       if not _all_finite(state.params) or (evaluated and not math.isfinite(evals[-1]["loss"])):
         raise FloatingPointError(f"parameters or {eval_split} loss not finite after step {step}; not "
@@ -209,18 +227,80 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
       metadata = {"evals": evals, "bad_evals": bad_evals}
       if data_position is not None:
         metadata["data_iterator"] = data_position
+      if count:
+        metadata["window"] = {"count": count, "sums": {k: float(v) for k, v in sums.items()}}
       checkpointer.save(state, metrics=ckpt_metrics, metadata=metadata, force=True)
+    if evaluated or checkpoint_due:
+      tick = time.perf_counter()
     if stopped_early:
       log(f"early stopping at step {step}: no improvement in {config.patience} evaluations; "
           f"restoring step {best['step']}")
       checkpointer.wait()
       state, _ = checkpointer.restore(state, step=best["step"])
       break
+    if stopped_by is not None and not final:
+      log(f"{stopped_by}: stopping after step {step}" + (" (checkpointed)" if checkpointer is not None else ""))
+      break
+    stopped_by = None if final else stopped_by
 
   if checkpointer is not None:
     checkpointer.wait()
   return LoopResult(state=state, evals=evals, best_step=None if best is None else best["step"],
-                    stopped_early=stopped_early)
+                    stopped_early=stopped_early, stopped_by=stopped_by)
+
+
+def _wait(state: TrainState) -> float:
+  """Waits for the queued steps to finish (so their time counts as training) and returns the clock."""
+  jax.block_until_ready(state.params)
+  return time.perf_counter()
+
+
+def _agreed_stop(reason: str | None) -> str | None:
+  """`reason` if this or any other process was asked to stop (all processes then stop at the same step)."""
+  if jax.process_count() == 1:
+    return reason
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  asked = multihost_utils.process_allgather(np.array([reason is not None]))
+  return (reason or "a stop request on another process") if bool(np.any(asked)) else None
+
+
+class StopOnSignals:
+  """Context manager turning SIGTERM and SIGINT into a stop request for `fit(should_stop=...)`.
+
+  The first signal is recorded (`requested()` returns 'SIGTERM' or 'SIGINT') and training stops after the
+  current step with a checkpoint; a second one restores the previous handlers and re-raises the default action,
+  for a user who wants out at once. Handlers are restored on exit; only the main thread can install them.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self._reason, self._previous = None, {}
+
+  def requested(self) -> str | None:
+    """The name of the first signal received, or None."""
+    return self._reason
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._reason is not None:
+      self._restore()
+      signal.raise_signal(signum)
+      return
+    self._reason = signal.Signals(signum).name
+
+  def _restore(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __enter__(self) -> "StopOnSignals":
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
 
 
 @jax.jit

@@ -5,45 +5,29 @@ binary prints the input's and every hidden layer's mean and std, and writes per-
 plot and results.json/results.csv to --workdir. --grads also backpropagates a random upstream gradient and
 reports each layer's activation- and weight-gradient std. --compare runs the lecture's cases in one table.
 
-  python -m experiments.activation_stats --nonlinearity=tanh --init=normal --init_scale=0.01
-  python -m experiments.activation_stats --compare --grads --workdir=/tmp/actstats
+  python -m experiments.activation_stats --workdir=runs/activation_stats     # the lecture's cases, with --grads
+  python -m experiments.activation_stats --config.study.compare=False --config.model.activation=relu \
+      --config.model.init=he_normal --workdir=/tmp/relu_he                      # one case
+
+Config: experiments/configs/activation_stats.py (keys: configs/schema.py); override with --config.group.key=value.
 """
 
 import dataclasses
 import os
+import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import numpy as np
 
 from dlcore import activations, checks, initializers, layers, models, stats
-from . import common
-
-# The lecture's cases: (nonlinearity, init, init_scale, batchnorm).
-LECTURE_CASES = (
-    "tanh:normal:0.01", "tanh:normal:1.0", "tanh:lecun_normal", "relu:lecun_normal", "relu:he_normal",
-    "tanh:normal:0.01:before", "relu:normal:1.0:before", "tanh:lsuv",
-)
+from . import common, config_lib
+from .configs import schema
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("nonlinearity", "tanh", activations.NAMES, "Hidden-layer activation.")
-flags.DEFINE_enum("init", "normal", initializers.NAMES, "Weight initialiser.")
-flags.DEFINE_float("init_scale", None, "std for --init=normal (default 0.01); gain for fan-based schemes.")
-flags.DEFINE_integer("layers", 10, "Number of hidden layers.")
-flags.DEFINE_integer("width", 500, "Units per hidden layer.")
-flags.DEFINE_integer("input_dim", 500, "Input dimension.")
-flags.DEFINE_integer("batch", 1000, "Number of unit-Gaussian input examples.")
-flags.DEFINE_enum("batchnorm", "none", layers.BATCHNORM_PLACES,
-                  "BatchNorm relative to the nonlinearity (train-mode batch statistics).")
-flags.DEFINE_integer("seed", 0, "PRNG seed for inputs and weights.")
+CONFIG = config_lib.define_config_flag("activation_stats", "activation_stats.py")
 flags.DEFINE_string("workdir", "runs/activation_stats", "Where plots and results are written.")
-flags.DEFINE_bool("grads", False, "Also report gradient stds for a random upstream gradient.")
-flags.DEFINE_bool("compare", False, "Run every case in --cases and print one table.")
-flags.DEFINE_list("cases", list(LECTURE_CASES),
-                  "For --compare: nonlinearity:init[:init_scale][:before|after] per case.")
-flags.DEFINE_integer("bins", 50, "Histogram bins.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +52,7 @@ class Case:
     """'tanh:normal:0.01:before' -> Case; each part validated against its registry."""
     parts = text.strip().split(":")
     if len(parts) < 2:
-      raise ValueError(f"--cases entry {text!r} must be nonlinearity:init[:init_scale][:before|after]")
+      raise ValueError(f"study.cases entry {text!r} must be nonlinearity:init[:init_scale][:before|after]")
     activations.get(parts[0]), initializers.get(parts[1])
     scale, bn = None, "none"
     for part in parts[2:]:
@@ -78,16 +62,16 @@ class Case:
         try:
           scale = float(part)
         except ValueError:
-          raise ValueError(f"--cases entry {text!r}: {part!r} is neither an init_scale nor one of "
+          raise ValueError(f"study.cases entry {text!r}: {part!r} is neither an init_scale nor one of "
                            f"{layers.BATCHNORM_PLACES}") from None
     return cls(parts[0], parts[1], scale, bn)
 
 
-def run_case(case: Case, inputs: jax.Array, num_layers: int, width: int, seed: int, grads: bool) -> dict:
-  """Layer statistics of one case; the weights depend only on the seed."""
-  checks.positive("--layers", num_layers)
-  checks.positive("--width", width)
-  model = models.MLP(hidden=(width,) * num_layers, num_classes=0, activation=case.nonlinearity,
+def run_case(case: Case, inputs: jax.Array, hidden: tuple[int, ...], seed: int, grads: bool) -> dict:
+  """Layer statistics of one case on an MLP with `hidden` widths; the weights depend only on the seed."""
+  for i, width in enumerate(hidden):
+    checks.positive(f"model.hidden[{i}]", width)
+  model = models.MLP(hidden=tuple(hidden), num_classes=0, activation=case.nonlinearity,
                      initializer=case.init, init_scale=case.init_scale, use_bias=False, batchnorm=case.batchnorm)
   variables = models.init_variables(model, jax.random.key(seed), inputs, lsuv_batch=inputs)
   train = case.batchnorm != "none"  # at initialisation BatchNorm normalises with the batch's own statistics
@@ -145,43 +129,59 @@ def layer_table(result: dict, input_stats: dict) -> str:
   return common.format_table(header, rows)
 
 
-SINGLE_CASE_FLAGS = ("nonlinearity", "init", "init_scale", "batchnorm")
+SINGLE_CASE_KEYS = ("activation", "init", "init_scale", "batchnorm")
+
+
+def cases_of(config) -> list[Case]:
+  """The cases `config` asks for: study.cases with study.compare, else the one case of its model keys.
+
+  Keys the chosen mode does not read are refused when changed from their defaults (ValueError naming them).
+  """
+  defaults = schema.activation_stats()
+  if config.study.compare:
+    unused = [f"model.{k}" for k in SINGLE_CASE_KEYS if config.model[k] != defaults.model[k]]
+    if unused:
+      raise ValueError(f"{', '.join(unused)} would be ignored with study.compare=True; describe each case in "
+                       "study.cases (activation:init[:init_scale][:before|after])")
+    return [Case.parse(c) for c in config.study.cases]
+  if config.study.cases != defaults.study.cases:
+    raise ValueError("study.cases is read only with study.compare=True")
+  m = config.model
+  activations.get(m.activation)
+  initializers.get(m.init, m.init_scale)
+  checks.one_of("model.batchnorm", m.batchnorm, layers.BATCHNORM_PLACES)
+  return [Case(m.activation, m.init, m.init_scale, m.batchnorm)]
 
 
 def main(argv):
   del argv
-  if FLAGS.compare:
-    unused = [f"--{name}" for name in SINGLE_CASE_FLAGS if FLAGS[name].present]
-    if unused:
-      raise app.UsageError(f"{', '.join(unused)} would be ignored with --compare; describe each case in --cases "
-                           "(nonlinearity:init[:init_scale][:before|after])")
-    cases = [Case.parse(c) for c in FLAGS.cases]
-  else:
-    if FLAGS["cases"].present:
-      raise app.UsageError("--cases is read only with --compare")
-    cases = [Case(FLAGS.nonlinearity, FLAGS.init, FLAGS.init_scale, FLAGS.batchnorm)]
-  for name in ("batch", "input_dim"):
-    checks.positive(f"--{name}", FLAGS[name].value)
+  config = CONFIG.value
+  try:
+    cases = cases_of(config)
+    for name in ("num_inputs", "input_dim", "bins"):
+      checks.positive(f"study.{name}", config.study[name])
+    for i, width in enumerate(config.model.hidden):
+      checks.positive(f"model.hidden[{i}]", width)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  config = {name: FLAGS[name].value for name in ("nonlinearity", "init", "init_scale", "layers", "width",
-                                                 "input_dim", "batch", "batchnorm", "seed", "grads",
-                                                 "compare", "cases")}
-  common.write_json(os.path.join(FLAGS.workdir, "config.json"), config)
-  inputs = jax.random.normal(jax.random.key(FLAGS.seed), (FLAGS.batch, FLAGS.input_dim))
+  common.write_json(os.path.join(FLAGS.workdir, "config.json"), config_lib.to_json_dict(config, "activation_stats"))
+  study, hidden = config.study, tuple(config.model.hidden)
+  inputs = jax.random.normal(jax.random.key(config.seed), (study.num_inputs, study.input_dim))
   input_stats = stats.summarize(inputs)
 
   results = []
   for i, case in enumerate(cases):
     logging.info("case %d/%d: %s", i + 1, len(cases), case.label)
-    result = run_case(case, inputs, FLAGS.layers, FLAGS.width, FLAGS.seed + 1, FLAGS.grads)
+    result = run_case(case, inputs, hidden, config.seed + 1, study.grads)
     print(f"\n== {case.label} ==\n{layer_table(result, input_stats)}", flush=True)
     name = "histograms.png" if len(cases) == 1 else f"histograms_{case.slug}.png"
-    plot_histograms(result, FLAGS.bins, os.path.join(FLAGS.workdir, name))
+    plot_histograms(result, study.bins, os.path.join(FLAGS.workdir, name))
     results.append(result)
 
   if len(cases) > 1:
     header = ["layer"] + [r["case"] for r in results]
-    rows = [[i + 1] + [r["layers"][i]["std"] for r in results] for i in range(FLAGS.layers)]
+    rows = [[i + 1] + [r["layers"][i]["std"] for r in results] for i in range(len(hidden))]
     print(f"\n== std of each hidden layer ==\n{common.format_table(header, rows)}")
   plot_mean_std(results, os.path.join(FLAGS.workdir, "mean_std.png"))
 
@@ -190,7 +190,7 @@ def main(argv):
                l.get("weight_grad_std", "")] for r in public for i, l in enumerate(r["layers"])]
   common.write_csv(os.path.join(FLAGS.workdir, "results.csv"),
                    ["case", "layer", "mean", "std", "saturated", "grad_std", "weight_grad_std"], csv_rows)
-  summary = {"input": input_stats, "config": config}
+  summary = {"input": input_stats, "config": config.to_dict()}
   summary.update({"layers": public[0]["layers"], "case": public[0]["case"]} if len(public) == 1
                  else {"cases": public})
   common.write_json(os.path.join(FLAGS.workdir, "results.json"), summary)

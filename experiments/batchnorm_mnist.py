@@ -1,24 +1,27 @@
 r"""Ioffe & Szegedy 2015, Figure 1: a sigmoid MLP on MNIST trained with and without BatchNorm.
 
 The net of the paper: 3 fully-connected hidden layers of 100 sigmoid units, Gaussian-initialised weights
-(std --init_scale, 0.01), a 10-way softmax; SGD on batches of 60 for 50000 steps (the paper gives no learning
-rate: --learning_rate 0.5). The second net is the same with BatchNorm before every sigmoid. Both start from the
+(std model.init_scale, 0.01), a 10-way softmax; SGD on batches of 60 for 50000 steps (the paper gives no learning
+rate: optimizer.learning_rate 0.5). The second net is the same with BatchNorm before every sigmoid. Both start from the
 same kernels (same seed; flax derives each kernel's key from its module path) and see the same batches in the
-same order. At step 0 and every --eval_every steps the binary records each net's test accuracy and the
-15th/50th/85th percentiles, over the test set, of one sigmoid input of the last hidden layer (unit --unit of
-'layer2'; BatchNorm normalises with the test set's statistics, or with --percentile_bn=running its running
-averages).
+same order. At step 0 and every loop.eval_every steps the binary records each net's test accuracy and the
+15th/50th/85th percentiles, over the test set, of one sigmoid input of the last hidden layer (unit study.unit
+of 'layer2'; BatchNorm normalises with the test set's statistics, or with study.percentile_bn='running' its
+running averages).
 
-  python -m experiments.batchnorm_mnist --data_dir=/path/to/mnist --workdir=runs/bn_fig1
-  python -m experiments.batchnorm_mnist --data_dir=../shared/data/fashion_mnist --steps=5000 --eval_every=500
+  python -m experiments.batchnorm_mnist --config.data.data_dir=/path/to/mnist --workdir=runs/bn_fig1
+  python -m experiments.batchnorm_mnist --config.data.data_dir=DIR --config.loop.steps=5000 \
+      --config.loop.eval_every=500 --workdir=runs/bn_short
 
-Without MNIST (no IDX files in --data_dir, no prepared TFDS copy; --download lets TFDS fetch it) the binary
+Config: experiments/configs/batchnorm_mnist.py (keys: configs/schema.py); override with --config.group.key=value.
+Without MNIST (no IDX files in data.data_dir, no prepared TFDS copy; data.download lets TFDS fetch it) the binary
 falls back to Fashion-MNIST and says so in its output and in results.json. Writes config.json, results.json,
 results.csv, fig1.png and <net>/metrics.jsonl (+ TensorBoard) to --workdir; prints a table and a verdict.
 """
 
 import os
 import shutil
+import sys
 import time
 
 from absl import flags
@@ -26,7 +29,8 @@ import jax
 import numpy as np
 
 from dlcore import checks, data, loop, models, optim, parallel, state as state_lib, stats, summaries, train
-from . import common
+from . import common, config_lib
+from .configs import schema
 
 HIDDEN = (100, 100, 100)
 LAYER = f"layer{len(HIDDEN) - 1}"  # the last hidden layer
@@ -37,18 +41,44 @@ EVAL_BATCH = 1000
 BN_STATS = ("batch", "running")
 
 FLAGS = flags.FLAGS
+# The study's own names for its config keys (configs/schema.py): what `validate` and `train_net` read.
+KEYS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "download": "data.download", "steps": "loop.steps",
+        "batch": "loop.batch_size", "optimizer": "optimizer.name", "learning_rate": "optimizer.learning_rate",
+        "momentum": "optimizer.momentum", "init_scale": "model.init_scale", "eval_every": "loop.eval_every",
+        "log_every": "loop.log_every", "unit": "study.unit", "percentile_bn": "study.percentile_bn", "seed": "seed",
+        "num_devices": "parallel.num_devices"}
+
+
+def study_config(config) -> dict:
+  """The study's flat config (KEYS) from its ConfigDict."""
+  def get(path):
+    node = config
+    for part in path.split("."):
+      node = node[part]
+    return node
+  return {name: get(path) for name, path in KEYS.items()}
 
 
 def validate(config: dict) -> None:
-  """Flag checks that name the flag and the allowed values."""
+  """Config checks that name the key (as in configs/schema.py) and the allowed values."""
+  checks.one_of(KEYS["dataset"], config["dataset"], DATASETS)
+  checks.lookup(KEYS["optimizer"], {n: n for n in optim.OPTIMIZERS}, config["optimizer"])
+  checks.one_of(KEYS["percentile_bn"], config["percentile_bn"], BN_STATS)
   for name in ("steps", "batch", "eval_every", "learning_rate", "init_scale"):
-    checks.positive(f"--{name}", config[name])
+    checks.positive(KEYS[name], config[name])
   for name in ("log_every", "seed"):
-    checks.non_negative(f"--{name}", config[name])
+    checks.non_negative(KEYS[name], config[name])
+  if config["num_devices"] is not None:
+    checks.positive(KEYS["num_devices"], config["num_devices"])
   if not 0 <= config["unit"] < HIDDEN[-1]:
-    raise ValueError(f"--unit must be in [0, {HIDDEN[-1]}) (a unit of {LAYER}), got {config['unit']}")
+    raise ValueError(f"{KEYS['unit']} must be in [0, {HIDDEN[-1]}) (a unit of {LAYER}), got {config['unit']}")
   if config["data_dir"] is not None and config["dataset"] == "synthetic":
-    raise ValueError(f"--data_dir must be unset for --dataset=synthetic (it is generated), got {config['data_dir']!r}")
+    raise ValueError(f"{KEYS['data_dir']} must be unset for data.dataset='synthetic' (it is generated), got "
+                     f"{config['data_dir']!r}")
+  if (config["optimizer"] not in ("momentum", "momentum_ema", "nesterov")
+      and config["momentum"] != schema.batchnorm_mnist().optimizer.momentum):
+    raise ValueError(f"{KEYS['momentum']}={config['momentum']!r} has no effect: optimizer.name is "
+                     f"{config['optimizer']!r}")
 
 
 def _looks_like_fashion_mnist(dataset: data.Dataset) -> bool:
@@ -68,7 +98,7 @@ def load_dataset(name: str, data_dir: str | None, download: bool, log=print) -> 
     if name != "mnist":
       raise
     note = (f"MNIST was not found ({str(e).split('. To get it')[0]}); using Fashion-MNIST instead. "
-            "Pass --data_dir with MNIST's IDX files (or --download) for the paper's dataset.")
+            "Set data.data_dir to MNIST's IDX files (or data.download) for the paper's dataset.")
     log(f"NOTE: {note}")
     return data.load("fashion_mnist", data_dir=data_dir, validation_size=0, tfds_download=download), note
   if name == "mnist" and _looks_like_fashion_mnist(dataset):
@@ -249,18 +279,21 @@ def plot(nets: dict, title: str, unit: int, path: str, bn_stats: str = "batch") 
 def main(argv):
   del argv
   common.quiet_logs()
-  config = {name: FLAGS[name].value for name in ("dataset", "data_dir", "download", "steps", "batch", "optimizer",
-                                                 "learning_rate", "momentum", "init_scale", "eval_every",
-                                                 "log_every", "unit", "percentile_bn", "seed", "num_devices")}
-  validate(config)
+  config = study_config(CONFIG.value)
+  try:
+    validate(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   start = time.perf_counter()
   dataset, note = load_dataset(config["dataset"], config["data_dir"], config["download"])
   if config["batch"] > len(dataset.train):
-    raise ValueError(f"--batch {config['batch']} is larger than the training set ({len(dataset.train)} examples)")
+    sys.exit(f"error: {KEYS['batch']} {config['batch']} is larger than the training set ({len(dataset.train)} "
+             "examples)")
   print(f"data: {dataset.source} | train {len(dataset.train)}, test {len(dataset.test)}, image "
         f"{dataset.image_shape}", flush=True)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  common.write_json(os.path.join(FLAGS.workdir, "config.json"), config)
+  common.write_json(os.path.join(FLAGS.workdir, "config.json"),
+                    config_lib.to_json_dict(CONFIG.value, "batchnorm_mnist"))
 
   nets = {}
   epochs = config["steps"] * config["batch"] / len(dataset.train)
@@ -305,29 +338,13 @@ def main(argv):
   print(f"\nwrote {FLAGS.workdir}/results.json, results.csv, fig1.png ({results['wall_time_s']:.0f} s)")
 
 
+CONFIG = None
+
+
 def define_flags() -> None:
   """Defines the flags; called by `run` only, so importing this module (tests) clashes with no other binary."""
-  flags.DEFINE_enum("dataset", "mnist", DATASETS, "Dataset; mnist falls back to fashion_mnist (with a message) "
-                    "when MNIST cannot be found.")
-  flags.DEFINE_string("data_dir", None, "Folder with the dataset's IDX files (or its parent); else well-known "
-                      "places, then prepared TFDS data.")
-  flags.DEFINE_bool("download", False, "Let TFDS download MNIST when no local copy is found (offline this takes "
-                    "minutes to fail).")
-  flags.DEFINE_integer("steps", 50000, "Training steps per net.")
-  flags.DEFINE_integer("batch", 60, "Batch size.")
-  flags.DEFINE_enum("optimizer", "sgd", optim.OPTIMIZERS, "Optimiser.")
-  flags.DEFINE_float("learning_rate", 0.5, "Learning rate (constant).")
-  flags.DEFINE_float("momentum", 0.9, "Momentum, for the momentum optimisers.")
-  flags.DEFINE_float("init_scale", 0.01, "std of the Gaussian weight initialisation, every layer (the paper's "
-                    "'small random Gaussian values'; 1.0 gives a saturated start).")
-  flags.DEFINE_integer("eval_every", 1000, "Record test accuracy and percentiles every N steps (and at 0 and the end).")
-  flags.DEFINE_integer("log_every", 1000, "Log training loss, speed and ETA every N steps.")
-  flags.DEFINE_integer("unit", 0, f"Which unit of the last hidden layer ({LAYER}) to follow, in [0, {HIDDEN[-1]}).")
-  flags.DEFINE_enum("percentile_bn", "batch", BN_STATS, "BatchNorm statistics for the recorded sigmoid inputs: "
-                    "'batch' (the whole test set as one batch, as the training-time net normalises) or 'running' "
-                    "(eval mode: the running averages, whose noise shows in the percentiles).")
-  flags.DEFINE_integer("seed", 0, "Seed for the initial weights (both nets) and the batch order.")
-  flags.DEFINE_integer("num_devices", None, "Use only the first N local devices (unset: all; --batch must divide).")
+  global CONFIG
+  CONFIG = config_lib.define_config_flag("batchnorm_mnist", "batchnorm_mnist.py")
   flags.DEFINE_string("workdir", "runs/batchnorm_mnist", "Where results and plots are written.")
 
 

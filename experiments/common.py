@@ -16,14 +16,22 @@ matplotlib.use("Agg")  # headless: plots go to PNG files
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `data` to `path` through a temporary file and os.replace, so readers never see half a file."""
+  """Writes `data` to `path` through a temporary file and os.replace, so readers never see half a file; the
+  file gets an ordinary file's permissions (0666 less the umask), not mkstemp's private 0600."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

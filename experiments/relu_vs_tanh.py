@@ -2,23 +2,26 @@ r"""ReLU vs tanh training speed (Krizhevsky et al. 2012, Fig. 1): epochs to 25% 
 
 The claim: a four-layer conv net with ReLUs reaches 25% training error on CIFAR-10 six times faster than the same
 net with tanh (learning rates chosen separately for each, no regularisation). This binary trains the four-layer
-CIFAR ConvNet (`cifar_convnet`) with each of --activations from the same init family and, per seed, the same
+CIFAR ConvNet (`cifar_convnet`) with each of study.activations from the same init family and, per seed, the same
 initial-weights key and the same data order; no dropout, weight decay or penalty. Each activation's learning rate
-is the one of --lr_grid with the lowest training error after --sweep_epochs (seed --seed). Then --seeds runs per
-activation log the training error after every epoch: the error of the model in eval mode over the whole
-(--subset) training set, measured the same way for every activation.
+is the one of study.lr_grid with the lowest training error after study.sweep_epochs (seed `seed`). Then
+study.seeds runs per activation log the training error after every epoch: the error of the model in eval mode
+over the whole (data.subset) training set, measured the same way for every activation.
 
-  python -m experiments.relu_vs_tanh --data_dir=/tmp/cifar10_proxy --workdir=runs/relu_vs_tanh
-  python -m experiments.relu_vs_tanh --data_dir=/tmp/cifar10_proxy --subset=10000 --seeds=2 --max_epochs=20 \
-      --sweep_epochs=1 --stop_at_target --workdir=runs/relu_vs_tanh_quick
+  python -m experiments.relu_vs_tanh --config.data.data_dir=/tmp/cifar10_proxy --workdir=runs/relu_vs_tanh
+  python -m experiments.relu_vs_tanh --config.data.data_dir=/tmp/cifar10_proxy --config.data.subset=10000 \
+      --config.study.max_epochs=20 --config.study.sweep_epochs=1 --config.study.stop_at_target \
+      --workdir=runs/relu_vs_tanh_quick
+
+Config: experiments/configs/relu_vs_tanh.py (keys: configs/schema.py); override with --config.group.key=value.
 
 Writes to --workdir: config.json, results.json, curves.csv (training error per activation, seed and epoch),
 sweep.csv, training_error.png (the paper's figure: solid for the first activation, dashed for the second, a line
 at the target) and lr_sweep.png; and runs/<activation>_seed<s>_lr<lr>/ per run, each with config.json,
 curve.json, metrics.jsonl, tensorboard/ and checkpoints/ (saved at every epoch end). Running the command again
-skips finished runs and resumes unfinished ones from their last epoch; the runs do not depend on --max_epochs,
---target_error, --lr_grid or --seeds, so changing those reuses every compatible run (a longer --max_epochs
-continues the old runs). A run that differs in anything that changes its computation is refused unless
+skips finished runs and resumes unfinished ones from their last epoch; the runs do not depend on
+study.max_epochs, study.target_error, study.lr_grid or study.seeds, so changing those reuses every compatible run
+(a longer study.max_epochs continues the old runs). A run that differs in anything that changes its computation is refused unless
 --overwrite (which discards every run in --workdir).
 
 results.json: `speedup` is the mean over seeds of (epochs to target of the second activation) / (epochs to
@@ -36,13 +39,15 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 from absl import flags
 import numpy as np
 
 from dlcore import activations, checkpoint, checks, data, initializers, loop, optim, parallel, summaries, train
-from . import common, train_lib
+from . import common, config_lib, train_lib
+from .configs import schema
 
 PAPER_SPEEDUP = 6.0
 LINESTYLES = ("-", "--", ":", "-.")
@@ -60,14 +65,18 @@ def _floats(flag: str, items) -> list[float]:
     try:
       value = float(item)
     except (TypeError, ValueError):
-      raise ValueError(f"--{flag} entry {item!r} is not a number") from None
-    checks.positive(f"--{flag} entry", value)
+      raise ValueError(f"{flag} entry {item!r} is not a number") from None
+    checks.positive(f"{flag} entry", value)
     values.append(value)
   if not values:
-    raise ValueError(f"--{flag} must list at least one value")
+    raise ValueError(f"{flag} must list at least one value")
   if len(set(values)) != len(values):
-    raise ValueError(f"--{flag} lists a value twice: {list(items)}")
+    raise ValueError(f"{flag} lists a value twice: {list(items)}")
   return values
+
+
+# The study's own names for its config keys (configs/schema.py).
+KEYS = {'activations': 'study.activations', 'init': 'model.init', 'lr_grid': 'study.lr_grid', 'sweep_epochs': 'study.sweep_epochs', 'target_error': 'study.target_error', 'dataset': 'data.dataset', 'data_dir': 'data.data_dir', 'subset': 'data.subset', 'preprocess': 'data.preprocess', 'max_epochs': 'study.max_epochs', 'batch': 'loop.batch_size', 'optimizer': 'optimizer.name', 'momentum': 'optimizer.momentum', 'stop_at_target': 'study.stop_at_target'}
 
 
 def validate(study: dict) -> dict:
@@ -75,55 +84,62 @@ def validate(study: dict) -> dict:
   study = dict(study)
   acts = [a.strip().lower() for a in study["activations"] if a.strip()]
   if not acts:
-    raise ValueError("--activations must name at least one activation")
+    raise ValueError("study.activations must name at least one activation")
   for name in acts:
     if name not in activations.NAMES:
-      raise ValueError(f"--activations: unknown activation {name!r}; valid names: {', '.join(activations.NAMES)}")
+      raise ValueError(f"study.activations: unknown activation {name!r}; valid names: {', '.join(activations.NAMES)}")
   if len(set(acts)) != len(acts):
-    raise ValueError(f"--activations lists an activation twice: {study['activations']}")
+    raise ValueError(f"study.activations lists an activation twice: {study['activations']}")
   study["activations"] = acts
-  study["lr_grid"] = _floats("lr_grid", study["lr_grid"])
-  checks.one_of("--init", study["init"], initializers.NAMES)
-  checks.one_of("--dataset", study["dataset"], data.NAMES)
-  checks.one_of("--preprocess", study["preprocess"], data.preprocess.METHODS)
-  checks.one_of("--optimizer", study["optimizer"], optim.OPTIMIZERS)
+  study["lr_grid"] = _floats("study.lr_grid", study["lr_grid"])
+  checks.one_of("model.init", study["init"], initializers.NAMES)
+  checks.one_of("data.dataset", study["dataset"], data.NAMES)
+  checks.one_of("data.preprocess", study["preprocess"], data.preprocess.METHODS)
+  checks.one_of("optimizer.name", study["optimizer"], optim.OPTIMIZERS)
   for name in ("sweep_epochs", "max_epochs", "batch"):
-    checks.positive(f"--{name}", study[name])
-  checks.non_negative("--subset", study["subset"])
+    checks.positive(f"{KEYS[name]}", study[name])
+  checks.non_negative("data.subset", study["subset"])
   if not study["seeds"] or min(study["seeds"]) < 0:
-    raise ValueError(f"--seed must be >= 0 and --seeds >= 1, got seeds {study['seeds']}")
-  checks.in_range("--target_error", study["target_error"], 0.0, 1.0, low_open=True, high_open=True)
-  checks.in_range("--momentum", study["momentum"], 0.0, 1.0, high_open=True)
+    raise ValueError(f"seed must be >= 0 and study.seeds >= 1, got seeds {study['seeds']}")
+  checks.in_range("study.target_error", study["target_error"], 0.0, 1.0, low_open=True, high_open=True)
+  checks.in_range("optimizer.momentum", study["momentum"], 0.0, 1.0, high_open=True)
   if study["subset"] and study["batch"] > study["subset"]:
-    raise ValueError(f"--batch {study['batch']} is larger than --subset {study['subset']}")
+    raise ValueError(f"loop.batch_size {study['batch']} is larger than data.subset {study['subset']}")
   if study["dataset"] == "synthetic" and study["data_dir"] is not None:
-    raise ValueError(f"--data_dir must be unset for --dataset=synthetic (it is generated), got {study['data_dir']!r}")
+    raise ValueError(f"data.data_dir must be unset for data.dataset=synthetic (it is generated), got {study['data_dir']!r}")
   return study
 
 
-def config_from_flags() -> dict:
-  checks.positive("--seeds", FLAGS.seeds)
-  checks.non_negative("--seed", FLAGS.seed)
-  study = {name: FLAGS[name].value for name in (
-      "activations", "init", "lr_grid", "sweep_epochs", "target_error", "dataset", "data_dir", "subset",
-      "preprocess", "max_epochs", "batch", "optimizer", "momentum", "stop_at_target")}
-  study["seeds"] = list(range(FLAGS.seed, FLAGS.seed + FLAGS.seeds))
+def study_from_config(config) -> dict:
+  """The study's flat settings (KEYS, plus the list of seeds) from its ConfigDict, validated."""
+  checks.positive("study.seeds", config.study.seeds)
+  checks.non_negative("seed", config.seed)
+  study = {}
+  for name, path in KEYS.items():
+    group, key = path.split(".")
+    study[name] = config[group][key]
+  study["activations"], study["lr_grid"] = list(study["activations"]), list(study["lr_grid"])
+  study["seeds"] = list(range(config.seed, config.seed + config.study.seeds))
   return validate(study)
 
 
-def run_config(study: dict, activation: str, seed: int, lr: float) -> dict:
-  """One run's settings as trainer config keys (plus `subset`): everything that changes what it computes.
+def run_config(study: dict, activation: str, seed: int, lr: float):
+  """One run's settings as a trainer config: everything that changes what it computes.
 
-  Every key that build_state reads is pinned here, so a change of the trainer's DEFAULTS cannot change a run.
+  Every key that build_state reads is pinned here, so a change of the trainer's defaults cannot change a run.
   """
-  return {"dataset": study["dataset"], "data_dir": study["data_dir"], "subset": study["subset"],
-          "preprocess": study["preprocess"], "model": "cifar_convnet", "activation": activation,
-          "init": study["init"], "init_scale": None, "optimizer": study["optimizer"], "learning_rate": lr,
-          "schedule": "constant", "schedule_params": {}, "momentum": study["momentum"],
-          "batch_size": study["batch"], "seed": seed, "loss": "cross_entropy", "label_smoothing": 0.0,
-          # No regularisation, as in the paper's comparison.
-          "batchnorm": "none", "keep_prob": 1.0, "weight_decay": 0.0, "weight_decay_mode": "decoupled",
-          "clip_norm": None, "penalty": "none", "penalty_strength": 0.0, "augment": ""}
+  config = schema.train()
+  config.seed = seed
+  config.data.update(dataset=study["dataset"], data_dir=study["data_dir"], subset=study["subset"],
+                     preprocess=study["preprocess"], augment="", validation_size=0)
+  config.model.update(name="cifar_convnet", activation=activation, init=study["init"], init_scale=None,
+                      batchnorm="none", keep_prob=1.0)  # no regularisation, as in the paper's comparison
+  config.loss.update(name="cross_entropy", label_smoothing=0.0, penalty="none", penalty_strength=0.0)
+  config.optimizer.update(name=study["optimizer"], learning_rate=lr, momentum=study["momentum"], weight_decay=0.0,
+                          weight_decay_mode="decoupled", clip_norm=None)
+  config.schedule.name = "constant"
+  config.loop.batch_size = study["batch"]
+  return config
 
 
 def run_name(activation: str, seed: int, lr: float) -> str:
@@ -135,7 +151,7 @@ def run_name(activation: str, seed: int, lr: float) -> str:
 
 
 class LazyData:
-  """Loads, cuts to --subset and preprocesses the dataset on first use."""
+  """Loads, cuts to data.subset and preprocesses the dataset on first use."""
 
   def __init__(self, study: dict, log):
     self._study, self._log, self._dataset = study, log, None
@@ -149,9 +165,9 @@ class LazyData:
       self.total_train = len(dataset.train)
       n = s["subset"] or self.total_train
       if n > self.total_train:
-        raise ValueError(f"--subset {n} exceeds the {self.total_train} training examples of {s['dataset']}")
+        raise ValueError(f"data.subset {n} exceeds the {self.total_train} training examples of {s['dataset']}")
       if s["batch"] > n:
-        raise ValueError(f"--batch {s['batch']} is larger than the training set ({n} examples)")
+        raise ValueError(f"loop.batch_size {s['batch']} is larger than the training set ({n} examples)")
       train_split = data.Split(dataset.train.images[:n], dataset.train.labels[:n])
       dataset = dataclasses.replace(dataset, train=train_split, validation=None)
       if s["preprocess"] != "none":
@@ -192,8 +208,9 @@ def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, bat
   run's `apply_fn` and `tx` objects (static fields, part of the compiled functions' signature) lets the
   ahead-of-time compiled steps serve every seed, and keeps compile time out of the timings.
   """
-  data_only = ("seed", "dataset", "data_dir", "subset", "preprocess")  # change values, not shapes or code
-  key = (json.dumps({k: v for k, v in config.items() if k not in data_only}, sort_keys=True), dataset.image_shape,
+  data_only = ("seed", "data.dataset", "data.data_dir", "data.subset", "data.preprocess")  # values, not code
+  key = (json.dumps({k: v for k, v in train_lib.flat(config).items() if k not in data_only}, sort_keys=True),
+         dataset.image_shape,
          dataset.num_classes, mesh.size)
   if key not in cache:
     put = lambda batch: parallel.shard_batch(batch, mesh)
@@ -221,10 +238,10 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
 
   dataset = lazy_data.get()
   mesh = parallel.make_mesh(None)
-  parallel.check_batch_size(config["batch_size"], mesh)
-  steps_per_epoch, _ = train_lib.plan_steps({**config, "epochs": epochs}, len(dataset.train))
-  batches = data.TrainBatches(dataset.train, config["batch_size"], seed=seed)
-  eval_batches = data.EvalBatches(dataset.train, config["batch_size"])
+  parallel.check_batch_size(config.loop.batch_size, mesh)
+  steps_per_epoch, _ = train_lib.plan_steps(config, len(dataset.train))
+  batches = data.TrainBatches(dataset.train, config.loop.batch_size, seed=seed)
+  eval_batches = data.EvalBatches(dataset.train, config.loop.batch_size)
   put = lambda batch: parallel.shard_batch(batch, mesh)
   start = time.perf_counter()
   state = parallel.replicate(train_lib.build_state(config, dataset, batches.batch_at(0)["image"]), mesh)
@@ -241,8 +258,8 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
     records = meta["records"]
     writer.truncate_after(int(state.step))
     log(f"{label}: resumed from epoch {len(records)} (step {int(state.step)})")
-  common.write_json(os.path.join(run_dir, "config.json"), config)
-  curve = {"config": config, "data_source": dataset.source, "train_examples": len(dataset.train),
+  common.write_json(os.path.join(run_dir, "config.json"), config_lib.to_json_dict(config, train_lib.BINARY))
+  curve = {"config": config.to_dict(), "data_source": dataset.source, "train_examples": len(dataset.train),
            "train_examples_total": lazy_data.total_train, "steps_per_epoch": steps_per_epoch,
            "compile_seconds": compile_seconds, "records": records}
 
@@ -264,7 +281,7 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
               "train_loss": ev["loss"], "step_loss": step_loss, "diverged": diverged,
               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
               "cum_train_seconds": previous + train_seconds,
-              "images_per_sec": steps_per_epoch * config["batch_size"] / train_seconds}
+              "images_per_sec": steps_per_epoch * config.loop.batch_size / train_seconds}
     records.append(record)
     if not diverged:
       ckpt.save(state, metrics={"train_error": record["train_error"]}, metadata={"records": records}, force=True)
@@ -383,12 +400,12 @@ def _judgement(sp: dict) -> str:
     return f"ReLU was faster by more than the paper's ~6x.{seeds}"
   if kind == "lower_bound" and m > 1:
     tail = ("consistent with the paper's ~6x or more" if m >= PAPER_SPEEDUP
-            else "whether by ~6x needs longer tanh runs (raise --max_epochs)")
+            else "whether by ~6x needs longer tanh runs (raise study.max_epochs)")
     return (f"Some tanh runs never reached the target, so {m:.2f} is a lower bound: ReLU was faster"
             f"{' on every seed' if every else ''}; {tail}.")
   if kind == "upper_bound" and m < 1:
     return "This does not reproduce the claim: tanh reached the target where ReLU did not."
-  return "This is inconclusive: raise --max_epochs."
+  return "This is inconclusive: raise study.max_epochs."
 
 
 def verdict(results: dict) -> str:
@@ -415,7 +432,7 @@ def verdict(results: dict) -> str:
     per_seed = ", ".join("n/a" if p["ratio"] is None else f"{p['ratio']:.2f}" for p in sp["per_seed"])
     if sp["kind"] == "undetermined":
       text.append(f"The {other}/{ref} ratio of epochs to target is undetermined (per seed: {per_seed}): the target "
-                  f"was not reached by both; raise --max_epochs or --target_error.")
+                  f"was not reached by both; raise study.max_epochs or study.target_error.")
     else:
       bound = {"exact": "", "lower_bound": "at least ", "upper_bound": "at most "}[sp["kind"]]
       text.append(f"{ref} got there {bound}{_pm(sp['mean'], sp['std'], 2)} times faster in epochs than {other} "
@@ -505,7 +522,7 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
     sweep[act] = rows
     ok = [r for r in rows if not r["diverged"]]
     if not ok:
-      raise ValueError(f"every --lr_grid rate {grid} diverged for activation {act!r}; use smaller rates")
+      raise ValueError(f"every study.lr_grid rate {grid} diverged for activation {act!r}; use smaller rates")
     chosen[act] = min(ok, key=lambda r: (r["train_error"], r["learning_rate"]))["learning_rate"]
     log(f"learning rate for {act}: {chosen[act]:g} (training error after {study['sweep_epochs']} epoch(s): "
         + ", ".join(f"{r['learning_rate']:g}: {'diverged' if r['diverged'] else format(r['train_error'], '.4f')}"
@@ -560,30 +577,13 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
   return results
 
 
+CONFIG = None
+
+
 def define_flags() -> None:
   """Defines the flags; called by `run` only, so importing this module (tests) clashes with no other binary."""
-  flags.DEFINE_list("activations", ["relu", "tanh"], f"Activations to compare, from {activations.NAMES}; the "
-                    "speed-up is each one's epochs to target over the first one's.")
-  flags.DEFINE_enum("init", "lecun_normal", initializers.NAMES, "Weight initialiser, the same for every activation "
-                    "(lecun_normal: variance-preserving for tanh, so the init does not favour ReLU).")
-  flags.DEFINE_list("lr_grid", ["0.003", "0.01", "0.03", "0.1"], "Learning rates swept for each activation.")
-  flags.DEFINE_integer("sweep_epochs", 2, "Epochs per learning-rate sweep run; the rate with the lowest training "
-                       "error after them is used.")
-  flags.DEFINE_float("target_error", 0.25, "Training error to reach.")
-  flags.DEFINE_enum("dataset", "cifar10", data.NAMES, "Dataset.")
-  flags.DEFINE_string("data_dir", None, "Folder with the dataset's standard files or train/<class>/*.jpg image "
-                      "folders (e.g. the extracted CIFAR-10 JPEG proxy).")
-  flags.DEFINE_integer("subset", 0, "Train on the first N training examples (0: all).")
-  flags.DEFINE_enum("preprocess", "mean_image", data.preprocess.METHODS, "Preprocessing fitted on the training "
-                    "(sub)set; the paper subtracts the mean image.")
-  flags.DEFINE_integer("max_epochs", 30, "Epochs per run at most.")
-  flags.DEFINE_integer("batch", 128, "Batch size (cuda-convnet's CIFAR-10 nets use 128).")
-  flags.DEFINE_enum("optimizer", "momentum", optim.OPTIMIZERS, "Optimiser.")
-  flags.DEFINE_float("momentum", 0.9, "Momentum (for momentum, nesterov, momentum_ema).")
-  flags.DEFINE_integer("seed", 0, "First seed (initial weights, data order); the lr sweep uses it.")
-  flags.DEFINE_integer("seeds", 2, "Runs per activation, seeds --seed, --seed + 1, ...")
-  flags.DEFINE_bool("stop_at_target", False, "Stop a run at the first epoch at or below --target_error (saves "
-                    "time; the figure's curves then end there).")
+  global CONFIG
+  CONFIG = config_lib.define_config_flag("relu_vs_tanh", "relu_vs_tanh.py")
   flags.DEFINE_string("workdir", "runs/relu_vs_tanh", "Output folder; holds one sub-folder per run.")
   flags.DEFINE_bool("overwrite", False, "Discard every run in --workdir first.")
 
@@ -592,7 +592,10 @@ def main(argv):
   del argv
   common.quiet_logs()
   start = time.perf_counter()
-  study = config_from_flags()
+  try:
+    study = study_from_config(CONFIG.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   results = run_study(study, FLAGS.workdir, overwrite=FLAGS.overwrite,
                       log=lambda message: print(message, flush=True))
   rows = [[r["activation"], r["seed"], r["learning_rate"],

@@ -1,10 +1,13 @@
 """train_and_evaluate(config, workdir): one training run, shared by the trainer and the study binaries.
 
-`config` is a flat dict whose keys are the trainer's flag names (DEFAULTS lists them all). The run writes to
-`workdir`: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png and results.json; started again
-with the same workdir and config it resumes from the latest checkpoint.
+`config` is the trainer's ConfigDict (`configs.schema.train`: groups data, model, loss, optimizer, schedule,
+loop, parallel, ensemble). `validate` checks all of it before any data is read or file written. The run writes
+to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/, curves.png and
+results.json; started again with the same workdir and config it resumes from the latest checkpoint, extends a
+finished run whose step budget grew, and leaves a finished run untouched.
 """
 
+import dataclasses
 import glob
 import io
 import json
@@ -14,76 +17,212 @@ import shutil
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from dlcore import checkpoint, data, ensemble, loop, models, optim, parallel, state as state_lib, summaries, train
-from . import common
+from dlcore import (activations, checkpoint, checks, data, ensemble, initializers, loop, losses, models, optim, parallel,
+                    state as state_lib, summaries, train)
+from . import common, config_lib
+from .configs import schema
 
-DEFAULTS = {
-    "dataset": "fashion_mnist", "data_dir": None, "download": False, "validation_size": -1, "preprocess": "none", "augment": "",
-    "model": "mlp", "hidden": [512, 512], "activation": "relu", "init": "he_normal", "init_scale": None,
-    "batchnorm": None, "bn_momentum": 0.9, "bn_running_var": "biased", "keep_prob": 1.0,
-    "dropout_mode": "inverted", "shortcut": "projection",
-    "loss": "cross_entropy", "label_smoothing": 0.0, "hinge_delta": 1.0,
-    "penalty": "none", "penalty_strength": 0.0, "l1_ratio": 0.5,
-    "optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0,
-    "weight_decay_mode": "decoupled", "clip_norm": None, "schedule": "warmup_cosine", "schedule_params": {},
-    "batch_size": 128, "epochs": 5.0, "steps": 0, "eval_every": 0, "log_every": 100, "checkpoint_every": 0,
-    "keep_checkpoints": 3, "patience": 0, "seed": 0, "snapshot_ensemble": False, "ensemble": [],
-    "num_devices": None, "bn_stats": "global", "dtype": "float32",
-}
+__all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
+           "check_workdir", "flat", "plan_steps", "train_and_evaluate", "validate"]
+
+BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
-RESUMABLE_KEYS = ("log_every", "num_devices", "data_dir", "download", "ensemble")
-
-
-# Config keys that are model options: key -> the option's name in `dlcore.models`.
+RESUMABLE_KEYS = ("data.data_dir", "data.download", "loop.log_every", "loop.keep_checkpoints",
+                  "loop.checkpoint_every", "parallel.num_devices", "ensemble.members")
+# Keys that set the run's length: raising them extends a run (check_workdir).
+LENGTH_KEYS = ("loop.steps", "loop.epochs")
+# model.<key> -> the option's name in dlcore.models.
 MODEL_KEYS = {"hidden": "hidden", "activation": "activation", "init": "initializer", "init_scale": "init_scale",
               "batchnorm": "batchnorm", "bn_momentum": "bn_momentum", "bn_running_var": "bn_running_var",
               "keep_prob": "keep_prob", "dropout_mode": "dropout_mode", "shortcut": "shortcut", "dtype": "dtype"}
+# Schedules whose learning rate at a step depends on the run's total length.
+_LENGTH_DEPENDENT_SCHEDULES = ("warmup_cosine", "linear")
 
 
-def build_model(config: dict, num_classes: int):
-  """The model `config` names, with every model key it sets; a key set away from its default that the model
-  does not take, or that has no effect in this configuration, is a ValueError naming the key."""
-  config = {**DEFAULTS, **config}
-  name = config["model"]
-  takes = models.options(name)
+class Interrupted(Exception):
+  """A run stopped on SIGTERM/SIGINT after checkpointing; re-running the same command resumes it."""
+
+  def __init__(self, signal_name: str, step: int, workdir: str):
+    super().__init__(f"{signal_name}: stopped after step {step} and checkpointed it; re-run the same command "
+                     f"to resume from there ({workdir})")
+    self.signal_name, self.step = signal_name, step
+
+
+def flat(config) -> dict:
+  """{'group.key': value} of a (nested) ConfigDict or dict, tuples kept."""
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+    else:
+      out[key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def _changed(config, key: str) -> bool:
+  return flat(config)[key] != flat(schema.train())[key]
+
+
+def build_model(config, num_classes: int):
+  """The model `config.model` names, with every model key it sets; a key changed from its default that the
+  model does not take, or that has no effect in this configuration, is a ValueError naming the key."""
+  spec, defaults = config.model, schema.train().model
+  takes = models.options(spec.name)
   kwargs = {"num_classes": num_classes}
   for key, option in MODEL_KEYS.items():
-    value = config[key]
+    value = spec[key]
     if option in takes:
       if value is not None or key != "batchnorm":  # batchnorm None: the model's own default
         kwargs[option] = {"hidden": tuple, "dtype": models.compute_dtype}.get(key, lambda v: v)(value)
-    elif value != DEFAULTS[key]:
-      raise ValueError(f"{key}={value!r} has no effect on model {name!r}; its options are: {', '.join(takes)}")
-  model = models.get(name, **kwargs)
+    elif value != defaults[key]:
+      raise ValueError(f"model.{key}={value!r} has no effect on model {spec.name!r}; its options are: "
+                       f"{', '.join(takes)}")
+  model = models.get(spec.name, **kwargs)
   idle = {"dropout_mode": model.keep_prob == 1.0, "bn_momentum": model.batchnorm == "none",
           "bn_running_var": model.batchnorm == "none"}
   for key, is_idle in idle.items():
-    if is_idle and config[key] != DEFAULTS[key]:
+    if is_idle and spec[key] != defaults[key]:
       reason = "keep_prob is 1 (no dropout)" if key == "dropout_mode" else "the model has no BatchNorm"
-      raise ValueError(f"{key}={config[key]!r} has no effect: {reason}")
+      raise ValueError(f"model.{key}={spec[key]!r} has no effect: {reason}")
   return model
 
 
-def check_workdir(workdir: str, config: dict, overwrite: bool) -> None:
-  """Refuses a workdir holding a run with another config, unless `overwrite` (which clears it)."""
+def _schedule_params(config) -> dict:
+  return {k: v for k, v in config.schedule.items() if k != "name" and v is not None}
+
+
+def validate(config) -> None:
+  """Every check that needs no data: names, ranges, and keys that would have no effect (ValueError naming the
+  key and what is allowed). Run before anything is loaded or written."""
+  c = config
+  checks.non_negative("seed", c.seed)
+  checks.lookup("data.dataset", {n: n for n in data.NAMES}, c.data.dataset)
+  checks.one_of("data.preprocess", c.data.preprocess, data.preprocess.METHODS)
+  data.augment.make(c.data.augment)
+  if c.data.validation_size < -1:
+    raise ValueError(f"data.validation_size must be >= -1 (-1: the dataset's default), got {c.data.validation_size}")
+  checks.non_negative("data.subset", c.data.subset)
+  for i, width in enumerate(c.model.hidden):
+    checks.positive(f"model.hidden[{i}]", width)
+  activations.get(c.model.activation)
+  initializers.get(c.model.init, c.model.init_scale)
+  models.compute_dtype(c.model.dtype)
+  build_model(c, 10)
+  losses.get(c.loss.name)
+  checks.one_of("loss.penalty", c.loss.penalty, losses.PENALTIES)
+  checks.in_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 1.0, high_open=True)
+  checks.non_negative("loss.hinge_delta", c.loss.hinge_delta)
+  checks.non_negative("loss.penalty_strength", c.loss.penalty_strength)
+  checks.in_range("loss.l1_ratio", c.loss.l1_ratio, 0.0, 1.0)
+  idle = {"loss.label_smoothing": (c.loss.name != "cross_entropy", f"loss.name is {c.loss.name!r}"),
+          "loss.hinge_delta": (c.loss.name != "hinge", f"loss.name is {c.loss.name!r}"),
+          "loss.penalty_strength": (c.loss.penalty == "none", "loss.penalty is 'none'"),
+          "loss.penalty": (c.loss.penalty_strength == 0, "loss.penalty_strength is 0"),
+          "loss.l1_ratio": (c.loss.penalty != "elastic_net", f"loss.penalty is {c.loss.penalty!r}"),
+          "optimizer.momentum": (c.optimizer.name not in ("momentum", "momentum_ema", "nesterov"),
+                                 f"optimizer.name is {c.optimizer.name!r}"),
+          "optimizer.weight_decay_mode": (c.optimizer.weight_decay == 0, "optimizer.weight_decay is 0"),
+          "loop.epochs": (c.loop.steps > 0, "loop.steps is set"),
+          "ensemble.snapshot": (c.schedule.name != "sgdr", "snapshots are taken at the ends of the cycles of "
+                                "schedule.name='sgdr'")}
+  for key, (is_idle, reason) in idle.items():
+    if is_idle and _changed(c, key):
+      raise ValueError(f"{key}={flat(c)[key]!r} has no effect: {reason}")
+  optim.optimizer(c.optimizer.name, c.optimizer.learning_rate, momentum=c.optimizer.momentum,
+                  weight_decay=c.optimizer.weight_decay, weight_decay_mode=c.optimizer.weight_decay_mode,
+                  clip_norm=c.optimizer.clip_norm)
+  allowed = optim.schedule_params(checks.lookup("schedule.name", {n: n for n in optim.SCHEDULES}, c.schedule.name))
+  for key in _schedule_params(c):
+    if key not in allowed:
+      raise ValueError(f"schedule.{key} has no effect with schedule.name={c.schedule.name!r}; it takes: "
+                       f"{', '.join(allowed) or 'no parameters'}")
+  checks.positive("loop.batch_size", c.loop.batch_size)
+  if c.loop.steps < 0 or (c.loop.steps == 0 and not c.loop.epochs > 0):
+    raise ValueError(f"the run needs loop.steps > 0 or loop.epochs > 0; got steps={c.loop.steps}, "
+                     f"epochs={c.loop.epochs}")
+  for key in ("eval_every", "log_every", "checkpoint_every", "patience"):
+    checks.non_negative(f"loop.{key}", c.loop[key])
+  checks.positive("loop.log_every", c.loop.log_every)
+  checks.positive("loop.keep_checkpoints", c.loop.keep_checkpoints)
+  if c.parallel.num_devices is not None:
+    checks.positive("parallel.num_devices", c.parallel.num_devices)
+  checks.one_of("parallel.bn_stats", c.parallel.bn_stats, parallel.BN_STATS)
+  for other in c.ensemble.members or ():
+    if not os.path.isfile(os.path.join(other, "config.json")) or not os.path.isdir(os.path.join(other, "checkpoints")):
+      raise ValueError(f"ensemble.members: {other} is not a finished run's workdir (no config.json and checkpoints/)")
+
+
+def plan_steps(config, train_size: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): loop.steps if set, else loop.epochs worth of full batches."""
+  batch_size = config.loop.batch_size
+  if batch_size > train_size:
+    raise ValueError(f"loop.batch_size {batch_size} is larger than the training set ({train_size} examples)")
+  steps_per_epoch = train_size // batch_size
+  return steps_per_epoch, config.loop.steps or max(1, math.ceil(config.loop.epochs * steps_per_epoch))
+
+
+def _schedule(config, train_size: int):
+  steps_per_epoch, total_steps = plan_steps(config, train_size)
+  params = _schedule_params(config)
+  if "boundaries" in params:
+    params["boundaries"] = list(params["boundaries"])
+  return optim.schedule(config.schedule.name, config.optimizer.learning_rate, steps_per_epoch=steps_per_epoch,
+                        total_steps=total_steps, **params)
+
+
+def build_state(config, dataset: data.Dataset, sample: np.ndarray) -> state_lib.TrainState:
+  """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`."""
+  o = config.optimizer
+  tx = optim.optimizer(o.name, _schedule(config, len(dataset.train)), momentum=o.momentum,
+                       weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode, clip_norm=o.clip_norm)
+  return state_lib.create(build_model(config, dataset.num_classes), tx, sample, config.seed, lsuv_batch=sample)
+
+
+def check_workdir(workdir: str, config, *, overwrite: bool = False, extend_schedule: bool = False,
+                  binary: str = BINARY) -> str:
+  """What to do with `workdir`: 'new', 'resume', or 'finished' (results.json exists and nothing changed).
+
+  A run with another config is refused unless `overwrite` (which clears it). Raising loop.steps or loop.epochs
+  resumes and extends it, unless its schedule depends on the total length: then `extend_schedule` must ask to
+  continue with the schedule of the new length from the current step. Nothing is written here.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} exists and is not a folder")
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diff = sorted(k for k in set(old) | set(config)
-                  if k not in RESUMABLE_KEYS and old.get(k) != config.get(k))
-    if diff and not overwrite:
-      changes = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-      raise ValueError(f"--workdir {workdir} holds a run with a different config ({changes}); pass --overwrite "
-                       "to discard it, or use another --workdir")
-    if overwrite:
-      shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(path):
+    return "new"
+  if overwrite:
+    shutil.rmtree(workdir)
+    return "new"
+  try:
+    old = flat(config_lib.load(path, binary))
+  except config_lib.ConfigError as e:
+    raise ValueError(f"--workdir {workdir} holds a config.json that cannot be read ({e}); pass --overwrite to "
+                     "discard it, or use another --workdir") from None
+  new = flat(config)
+  diff = sorted(k for k in new if k not in RESUMABLE_KEYS and old[k] != new[k])
+  length = [k for k in diff if k in LENGTH_KEYS]
+  others = [k for k in diff if k not in LENGTH_KEYS]
+  if others:
+    changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in others)
+    raise ValueError(f"--workdir {workdir} holds a run with a different config ({changes}); pass --overwrite "
+                     "to discard it, or use another --workdir")
+  if length:
+    if config.schedule.name in _LENGTH_DEPENDENT_SCHEDULES and not extend_schedule:
+      raise ValueError(f"--workdir {workdir}: changing {', '.join(length)} changes schedule "
+                       f"{config.schedule.name!r}, which depends on the run's length; pass --extend_schedule to "
+                       "continue with the schedule of the new length from the current step, or use another "
+                       "--workdir")
+    return "resume"
+  return "finished" if os.path.exists(os.path.join(workdir, "results.json")) else "resume"
 
 
 def plot_curves(metrics_path: str, out_path: str, eval_name: str) -> None:
+  """Loss and accuracy against step for the train and evaluation records of metrics.jsonl."""
   records = summaries.read(metrics_path)
   fig, (ax_loss, ax_acc) = common.plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
   for split, style in (("train", "-"), (eval_name, "o-")):
@@ -98,81 +237,72 @@ def plot_curves(metrics_path: str, out_path: str, eval_name: str) -> None:
   common.save_figure(fig, out_path)
 
 
-def plan_steps(config: dict, train_size: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps): --steps if set, else --epochs worth of full batches."""
-  config = {**DEFAULTS, **config}
-  if config["batch_size"] > train_size:
-    raise ValueError(f"--batch_size {config['batch_size']} is larger than the training set ({train_size} examples)")
-  steps_per_epoch = train_size // config["batch_size"]
-  return steps_per_epoch, config["steps"] or max(1, math.ceil(config["epochs"] * steps_per_epoch))
+def _load_dataset(config) -> data.Dataset:
+  c = config.data
+  validation = None if c.validation_size < 0 else c.validation_size
+  dataset = data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
+  if c.subset:
+    if c.subset > len(dataset.train):
+      raise ValueError(f"data.subset {c.subset} is larger than the training set ({len(dataset.train)} examples)")
+    train_split = data.Split(dataset.train.images[:c.subset], dataset.train.labels[:c.subset])
+    dataset = dataclasses.replace(dataset, train=train_split)
+  return dataset
 
 
-def build_state(config: dict, dataset: data.Dataset, sample: np.ndarray) -> state_lib.TrainState:
-  """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`."""
-  config = {**DEFAULTS, **config}
-  steps_per_epoch, total_steps = plan_steps(config, len(dataset.train))
-  lr = optim.schedule(config["schedule"], config["learning_rate"], steps_per_epoch=steps_per_epoch,
-                      total_steps=total_steps, **config["schedule_params"])
-  tx = optim.optimizer(config["optimizer"], lr, momentum=config["momentum"],
-                       weight_decay=config["weight_decay"], weight_decay_mode=config["weight_decay_mode"],
-                       clip_norm=config["clip_norm"])
-  model = build_model(config, dataset.num_classes)
-  return state_lib.create(model, tx, sample, config["seed"], lsuv_batch=sample)
-
-
-def train_and_evaluate(config: dict, workdir: str, *, dataset: data.Dataset | None = None,
-                       log=print) -> dict:
+def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = None, log=print,
+                       extend_schedule: bool = False, should_stop=lambda: None) -> dict:
   """Trains as `config` says, evaluates on the test split and returns (and writes) results.json's dict.
 
-  `dataset` may be passed in by callers that load once and train several runs.
+  `dataset` may be passed in by callers that load once and train several runs. `should_stop()` returns a reason
+  (e.g. 'SIGTERM') to stop after the current step: the run checkpoints and raises `Interrupted`.
+  Call `check_workdir` first; a finished run is not trained again.
   """
-  config = {**DEFAULTS, **config}
-  unknown = sorted(set(config) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(DEFAULTS))}")
+  validate(config)
   is_main = jax.process_index() == 0
   if not is_main:
     log = lambda message: None
   start = time.perf_counter()
 
   if dataset is None:
-    validation = None if config["validation_size"] < 0 else config["validation_size"]
-    dataset = data.load(config["dataset"], data_dir=config["data_dir"], validation_size=validation,
-                        tfds_download=config["download"])
+    dataset = _load_dataset(config)
   log(f"data: {dataset.source} | train {len(dataset.train)}, {dataset.eval_split_name} "
       f"{len(dataset.eval_split)}, test {len(dataset.test)}, image {dataset.image_shape}")
-  if config["preprocess"] != "none":
-    dataset, _ = data.preprocess.preprocess_dataset(dataset, config["preprocess"])
+  if config.data.preprocess != "none":
+    dataset, _ = data.preprocess.preprocess_dataset(dataset, config.data.preprocess)
 
-  mesh = parallel.make_mesh(config["num_devices"])
-  parallel.check_batch_size(config["batch_size"], mesh)
-  batch_size = config["batch_size"]
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  batch_size = config.loop.batch_size
+  parallel.check_batch_size(batch_size, mesh)
   steps_per_epoch, total_steps = plan_steps(config, len(dataset.train))
   procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = data.TrainBatches(dataset.train, batch_size, seed=config["seed"], **procs)
+  train_batches = data.TrainBatches(dataset.train, batch_size, seed=config.seed, **procs)
   eval_batches = data.EvalBatches(dataset.eval_split, batch_size, **procs)
   test_batches = data.EvalBatches(dataset.test, batch_size, **procs)
 
   state = build_state(config, dataset, train_batches.batch_at(0)["image"])
-  loss_kwargs = {"cross_entropy": {"label_smoothing": config["label_smoothing"]},
-                 "hinge": {"delta": config["hinge_delta"]}}.get(config["loss"], {})
-  augment = data.augment.make(config["augment"]) if config["augment"] else None
-  train_step = train.make_train_step(config["loss"], config["penalty"], config["penalty_strength"],
-                                     config["l1_ratio"], augment=augment, **loss_kwargs)
-  eval_step = train.make_eval_step(config["loss"], **loss_kwargs)
+  loss_kwargs = {"cross_entropy": {"label_smoothing": config.loss.label_smoothing},
+                 "hinge": {"delta": config.loss.hinge_delta}}.get(config.loss.name, {})
+  augment = data.augment.make(config.data.augment) if config.data.augment else None
+  step_fn = train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
+                                  config.loss.l1_ratio, augment=augment, **loss_kwargs)
+  learning_rate = _schedule(config, len(dataset.train))
+
+  def train_step(st, batch):  # the step, plus the learning rate its update used
+    new, metrics = step_fn(st, batch)
+    return new, {**metrics, "learning_rate": learning_rate(st.step)}
+
+  eval_step = train.make_eval_step(config.loss.name, **loss_kwargs)
   state = parallel.replicate(state, mesh)
-  train_step = parallel.compile_train_step(train_step, mesh, state, bn_stats=config["bn_stats"])
+  train_step = parallel.compile_train_step(train_step, mesh, state, bn_stats=config.parallel.bn_stats)
   eval_step = parallel.compile_eval_step(eval_step, mesh)
   put_batch = lambda batch: parallel.shard_batch(batch, mesh)
-  log(f"model {config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} params | "
+  log(f"model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} params | "
       f"{total_steps} steps of {batch_size} ({total_steps / steps_per_epoch:.2f} epochs) on {mesh.size} device(s)")
 
   snapshot_steps = set()
-  if config["snapshot_ensemble"]:
-    if config["schedule"] != "sgdr":
-      raise ValueError("--snapshot_ensemble needs --schedule=sgdr (snapshots are taken at the ends of its cycles)")
-    params = config["schedule_params"]
-    snapshot_steps = set(optim.sgdr_cycle_ends(params["first_period"], params.get("period_mult", 1), total_steps))
+  if config.ensemble.snapshot:
+    snapshot_steps = set(optim.sgdr_cycle_ends(config.schedule.first_period, config.schedule.period_mult or 1,
+                                               total_steps))
   snapshot_dir = os.path.join(workdir, "snapshots")
 
   def take_snapshot(step, st):
@@ -181,16 +311,26 @@ def train_and_evaluate(config: dict, workdir: str, *, dataset: data.Dataset | No
       if is_main:
         common.atomic_write(os.path.join(snapshot_dir, f"step_{step:08d}.npy"), _npy_bytes(probs))
 
-  writer = summaries.MetricWriter(workdir, enabled=is_main)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config["keep_checkpoints"])
+  hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat(config).items()}
+  writer = summaries.MetricWriter(workdir, enabled=is_main, hparams=hparams)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.loop.keep_checkpoints)
   if is_main:
-    common.write_json(os.path.join(workdir, "config.json"), config)
-  loop_config = loop.LoopConfig(total_steps, log_every=config["log_every"],
-                                eval_every=config["eval_every"] or steps_per_epoch,
-                                checkpoint_every=config["checkpoint_every"], patience=config["patience"])
-  result = loop.fit(state, train_step, eval_step, train_batches, eval_batches, loop_config, checkpointer=ckpt,
-                    writer=writer, put_batch=put_batch, eval_split=dataset.eval_split_name, log=log,
-                    on_step=take_snapshot if snapshot_steps else None)
+    common.write_json(os.path.join(workdir, "config.json"), config_lib.to_json_dict(config, BINARY))
+  loop_config = loop.LoopConfig(total_steps, log_every=config.loop.log_every,
+                                eval_every=config.loop.eval_every or steps_per_epoch,
+                                checkpoint_every=config.loop.checkpoint_every, patience=config.loop.patience)
+  try:
+    result = loop.fit(state, train_step, eval_step, train_batches, eval_batches, loop_config, checkpointer=ckpt,
+                      writer=writer, put_batch=put_batch, eval_split=dataset.eval_split_name, log=log,
+                      on_step=take_snapshot if snapshot_steps else None, should_stop=should_stop)
+  except BaseException:
+    writer.close()
+    ckpt.close()
+    raise
+  if result.stopped_by is not None:
+    writer.close()
+    ckpt.close()
+    raise Interrupted(result.stopped_by, int(result.state.step), workdir)
   state = result.state
 
   test = loop.evaluate(state, eval_step, test_batches, put_batch)
@@ -211,9 +351,9 @@ def train_and_evaluate(config: dict, workdir: str, *, dataset: data.Dataset | No
   if snapshot_steps:
     for path in sorted(glob.glob(os.path.join(snapshot_dir, "step_*.npy"))):
       members[f"snapshot@{int(os.path.basename(path)[5:13])}"] = np.load(path)
-  if config["ensemble"]:
+  if config.ensemble.members:
     members[f"this run ({workdir})"] = loop.predict(state, test_batches, put_batch)
-    for other in config["ensemble"]:
+    for other in config.ensemble.members:
       members[other] = _predict_other_run(other, config, state, test_batches, put_batch)
   if members:
     results["ensemble"] = ensemble.report(members, dataset.test.labels)
@@ -236,14 +376,14 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _predict_other_run(other: str, config: dict, template, batches, put_batch) -> np.ndarray:
-  """Test probabilities of another run's latest checkpoint; its model config must match this run's."""
-  with open(os.path.join(other, "config.json")) as f:
-    other_config = json.load(f)
-  model_keys = ("dataset", "preprocess", "model", *MODEL_KEYS)
-  diff = [k for k in model_keys if other_config.get(k) != config.get(k)]
+def _predict_other_run(other: str, config, template, batches, put_batch) -> np.ndarray:
+  """Test probabilities of another run's latest checkpoint; its data and model config must match this run's."""
+  other_config = flat(config_lib.load(other, BINARY))
+  mine = flat(config)
+  keys = ("data.dataset", "data.preprocess", *(f"model.{k}" for k in MODEL_KEYS))
+  diff = [k for k in keys if other_config[k] != mine[k]]
   if diff:
-    raise ValueError(f"--ensemble member {other} has a different {', '.join(diff)}; members must share the model")
+    raise ValueError(f"ensemble member {other} has a different {', '.join(diff)}; members must share the model")
   ckpt = checkpoint.Checkpointer(os.path.join(other, "checkpoints"))
   restored, _ = ckpt.restore(template)
   ckpt.close()

@@ -7,7 +7,8 @@
 #   --coordinator_address=127.0.0.1:$PORT --num_processes=NUM_PROCESSES --process_id=i
 # plus the trainer flags, and its output is prefixed with "[i] ". Waits for all of them; if one fails, the others
 # are stopped and the script exits with the failed process's status (0 when every process succeeds).
-#   launch/multiprocess_local.sh 2 4 --workdir=/tmp/mp --model=mlp --batch_size=64 --steps=100
+#   launch/multiprocess_local.sh 2 4 --workdir=/tmp/mp --config.data.dataset=synthetic --config.loop.batch_size=64 \
+#     --config.loop.steps=100
 # Env: PORT (coordinator port; default: a free one), PYTHON (default: python), TRAINER (module to run, default:
 # experiments.train).
 set -uo pipefail

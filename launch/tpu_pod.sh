@@ -8,7 +8,8 @@
 #   gcloud compute tpus tpu-vm scp --recurse . TPU_NAME:~/dlcore --zone=ZONE --worker=all
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all \
 #     --command='cd ~/dlcore && pip install -e . "jax[tpu]==0.10.2"'
-#   launch/tpu_pod.sh my-v4-32 us-central2-b --workdir=gs://bucket/run1 --model=resnet20 --batch_size=1024
+#   launch/tpu_pod.sh my-v4-32 us-central2-b --workdir=gs://bucket/run1 --config=experiments/configs/resnet20.py \
+#     --config.loop.batch_size=1024
 # --workdir should be shared storage (e.g. gs://) so that checkpoints are visible from every host.
 # Env: REMOTE_DIR (default: dlcore), PROJECT (gcloud project), PYTHON (default: python3), TRAINER (module).
 set -euo pipefail

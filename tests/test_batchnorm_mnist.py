@@ -82,12 +82,15 @@ def test_both_nets_start_from_the_same_kernels():
     np.testing.assert_array_equal(plain[name]["linear"]["kernel"], bn[name]["linear"]["kernel"])
 
 
-def test_validate_names_the_flag():
+def test_validate_names_the_config_key():
   config = dict(dataset="synthetic", data_dir=None, steps=10, batch=60, eval_every=5, learning_rate=0.1,
-                init_scale=1.0, log_every=0, seed=0, unit=0)
+                init_scale=1.0, log_every=0, seed=0, unit=0, optimizer="sgd", momentum=0.9, percentile_bn="batch",
+                num_devices=None)
   bm.validate(config)
-  for key, value, match in [("unit", 100, "--unit"), ("steps", 0, "--steps"), ("eval_every", -1, "--eval_every"),
-                            ("init_scale", 0.0, "--init_scale"), ("data_dir", "/x", "--data_dir")]:
+  for key, value, match in [("unit", 100, "study.unit"), ("steps", 0, "loop.steps"),
+                            ("eval_every", -1, "loop.eval_every"), ("init_scale", 0.0, "model.init_scale"),
+                            ("data_dir", "/x", "data.data_dir"), ("momentum", 0.5, "optimizer.momentum.*no effect"),
+                            ("percentile_bn", "x", "study.percentile_bn"), ("dataset", "cifar10", "data.dataset")]:
     with pytest.raises(ValueError, match=match):
       bm.validate({**config, key: value})
 
@@ -123,8 +126,9 @@ def test_fashion_mnist_files_passed_as_mnist_are_recognised():
 
 
 def test_binary_end_to_end_on_synthetic(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.batchnorm_mnist", "--dataset=synthetic", "--steps=50",
-         "--eval_every=20", "--log_every=20", "--unit=3", "--percentile_bn=running", f"--workdir={tmp_path}"]
+  cmd = [sys.executable, "-m", "experiments.batchnorm_mnist", "--config.data.dataset=synthetic",
+         "--config.loop.steps=50", "--config.loop.eval_every=20", "--config.loop.log_every=20",
+         "--config.study.unit=3", "--config.study.percentile_bn=running", f"--workdir={tmp_path}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out
@@ -157,5 +161,5 @@ def test_binary_end_to_end_on_synthetic(tmp_path):
   assert float(rows[-1]["p50"]) == results["nets"]["bn"]["records"][-1]["p50"]
   metrics = [json.loads(line) for line in (tmp_path / "bn" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in metrics if r["split"] == "sigmoid_input"] == [0, 20, 40, 50]
-  assert json.loads((tmp_path / "config.json").read_text())["steps"] == 50
+  assert json.loads((tmp_path / "config.json").read_text())["loop"]["steps"] == 50
   assert (tmp_path / "fig1.png").stat().st_size > 10_000

@@ -12,14 +12,21 @@ import pytest
 
 from dlcore import models
 from experiments import train_lib
+from experiments.configs import schema
 
 # A non-default value for every model-related trainer key.
-CHANGES = {"hidden": [32], "activation": "tanh", "init": "glorot_uniform", "init_scale": 0.5,
+CHANGES = {"hidden": (32,), "activation": "tanh", "init": "glorot_uniform", "init_scale": 0.5,
            "batchnorm": "after", "bn_momentum": 0.5, "bn_running_var": "unbiased", "keep_prob": 0.5,
            "dropout_mode": "original", "shortcut": "zero_pad", "dtype": "bfloat16"}
 # What a change needs to be able to act at all (dropout_mode needs dropout; the bn_* keys need BatchNorm).
 NEEDS = {"dropout_mode": {"keep_prob": 0.5}, "bn_momentum": {"batchnorm": "before"},
          "bn_running_var": {"batchnorm": "before"}}
+
+
+def _config(name, **model):
+  config = schema.train()
+  config.model.update(name=name, **model)
+  return config
 
 
 def _behaviour(config):
@@ -44,8 +51,8 @@ def test_change_table_covers_every_model_key():
 @pytest.mark.parametrize("name", ["mlp", "lenet5", "cifar_convnet", "resnet8"])
 @pytest.mark.parametrize("key", sorted(CHANGES))
 def test_every_model_flag_takes_effect_or_is_refused(name, key):
-  base = {**train_lib.DEFAULTS, "model": name, **NEEDS.get(key, {})}
-  changed = {**base, key: CHANGES[key]}
+  base = _config(name, **NEEDS.get(key, {}))
+  changed = _config(name, **{**NEEDS.get(key, {}), key: CHANGES[key]})
   try:
     after = _behaviour(changed)
   except ValueError as e:
@@ -60,13 +67,13 @@ def test_every_model_flag_takes_effect_or_is_refused(name, key):
                                              ("bn_running_var", "unbiased", "no BatchNorm")])
 def test_options_without_effect_in_this_configuration_are_refused(key, value, needs):
   with pytest.raises(ValueError, match=f"{key}=.* has no effect: .*{needs}"):
-    train_lib.build_model({**train_lib.DEFAULTS, key: value}, 10)
+    train_lib.build_model(_config("mlp", **{key: value}), 10)
 
 
 def test_resnet_keeps_its_batchnorm_when_the_trainer_leaves_batchnorm_unset():
-  assert train_lib.build_model({**train_lib.DEFAULTS, "model": "resnet20"}, 10).batchnorm == "before"
-  with pytest.raises(ValueError, match="hidden=.* has no effect on model 'resnet20'"):
-    train_lib.build_model({**train_lib.DEFAULTS, "model": "resnet20", "hidden": [128]}, 10)
+  assert train_lib.build_model(_config("resnet20"), 10).batchnorm == "before"
+  with pytest.raises(ValueError, match=r"model.hidden=\(128,\) has no effect on model 'resnet20'"):
+    train_lib.build_model(_config("resnet20", hidden=(128,)), 10)
 
 
 def test_installed_binaries_do_not_claim_the_name_experiments(tmp_path):
@@ -84,8 +91,8 @@ def test_installed_binaries_do_not_claim_the_name_experiments(tmp_path):
   assert "No module named 'experiments'" in elsewhere.stderr  # dlcore installs no package of that name
 
 
-SCRIPTS = {"dlcore-train": "--learning_rate", "dlcore-activation-stats": "--nonlinearity",
-           "dlcore-batchnorm-mnist": "--percentile_bn", "dlcore-relu-vs-tanh": "--target_error"}
+SCRIPTS = {"dlcore-train": "--extend_schedule", "dlcore-activation-stats": "cs231n",
+           "dlcore-batchnorm-mnist": "Ioffe & Szegedy", "dlcore-relu-vs-tanh": "Krizhevsky"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -93,15 +100,15 @@ def test_console_script_prints_full_help(script, tmp_path):
   path = os.path.join(sysconfig.get_path("scripts"), script)
   out = subprocess.run([path, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
   assert out.returncode in (0, 1), out.stderr  # absl's --help exits with 1
-  assert SCRIPTS[script] in out.stdout and "--workdir" in out.stdout
-  assert len(out.stdout.splitlines()) > 20
+  assert SCRIPTS[script] in out.stdout and "--workdir" in out.stdout and "--config" in out.stdout
+  assert len(out.stdout.splitlines()) > 15
 
 
-def test_activation_stats_refuses_single_case_flags_with_compare(tmp_path):
+def test_activation_stats_refuses_single_case_keys_with_compare(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "-m", "experiments.activation_stats", "--compare", "--nonlinearity=relu",
-         f"--workdir={tmp_path / 'w'}"]
+  cmd = [sys.executable, "-m", "experiments.activation_stats", "--config.model.activation=relu",
+         f"--workdir={tmp_path / 'w'}"]  # the default config compares the lecture's cases
   out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
-  assert "--nonlinearity would be ignored with --compare" in out.stderr
+  assert "model.activation would be ignored with study.compare=True" in out.stderr
   assert not (tmp_path / "w").exists()

@@ -8,6 +8,7 @@ import pytest
 
 from dlcore import checkpoint, data, loop, optim, state as state_lib, train
 from experiments import train_lib
+from experiments.configs import schema
 
 BATCH = 32
 
@@ -18,7 +19,9 @@ def dataset():
 
 
 def _state(dataset):
-  model = train_lib.build_model({**train_lib.DEFAULTS, "hidden": [16]}, dataset.num_classes)
+  config = schema.train()
+  config.model.hidden = (16,)
+  model = train_lib.build_model(config, dataset.num_classes)
   return state_lib.create(model, optim.optimizer("momentum", 0.05), dataset.train.images[:2], 0)
 
 

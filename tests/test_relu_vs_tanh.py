@@ -16,11 +16,13 @@ from PIL import Image
 
 from dlcore import data
 from experiments import relu_vs_tanh as rvt
+from experiments.configs import schema
 from experiments import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-ARGS = ["--lr_grid=0.01,0.03", "--sweep_epochs=1", "--max_epochs=4", "--batch=20", "--seeds=2"]
+ARGS = ["--config.study.lr_grid=(0.01, 0.03)", "--config.study.sweep_epochs=1", "--config.study.max_epochs=4",
+        "--config.loop.batch_size=20", "--config.study.seeds=2"]
 
 
 def _image_folder(root, per_class=12):
@@ -37,7 +39,7 @@ def _image_folder(root, per_class=12):
 
 
 def _binary(workdir, data_dir, *extra):
-  cmd = [sys.executable, "-m", "experiments.relu_vs_tanh", f"--data_dir={data_dir}", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "experiments.relu_vs_tanh", f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
          *ARGS, *extra]
   start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -196,16 +198,24 @@ def test_finished_depends_on_the_request():
 
 
 def test_run_config_pins_a_constant_rate_and_no_regularisation_whatever_the_trainer_defaults(monkeypatch):
-  for key, value in (("schedule", "warmup_cosine"), ("weight_decay", 0.1), ("clip_norm", 0.001),
-                     ("keep_prob", 0.5), ("batchnorm", "before"), ("init_scale", 3.0)):
-    monkeypatch.setitem(train_lib.DEFAULTS, key, value)
+  original = schema.train
+
+  def odd_defaults():
+    config = original()
+    config.schedule.name = "sgdr"
+    config.optimizer.update(weight_decay=0.1, clip_norm=0.001)
+    config.model.update(keep_prob=0.5, batchnorm="before", init_scale=3.0)
+    config.data.augment = "flip"
+    return config
+  monkeypatch.setattr(rvt.schema, "train", odd_defaults)
   config = rvt.run_config(_study("/x"), "tanh", 3, 0.05)
-  merged = {**train_lib.DEFAULTS, **config}
-  assert (merged["batchnorm"], merged["keep_prob"], merged["weight_decay"], merged["init_scale"]) == ("none", 1.0, 0.0,
-                                                                                                     None)
+  assert (config.model.batchnorm, config.model.keep_prob, config.optimizer.weight_decay, config.model.init_scale,
+          config.optimizer.clip_norm, config.data.augment, config.schedule.name) == ("none", 1.0, 0.0, None, None,
+                                                                                    "", "constant")
   dataset = data.synthetic(image_shape=(4, 4, 1), train_size=64, validation_size=0)
   # The optimiser as build_state makes it (a one-unit MLP keeps the eager init cheap).
-  state = train_lib.build_state({**config, "model": "mlp", "hidden": [1]}, dataset, dataset.train.images[:16])
+  config.model.update(name="mlp", hidden=(1,))
+  state = train_lib.build_state(config, dataset, dataset.train.images[:16])
   grads = jax.tree.map(jnp.ones_like, state.params)
   opt_state, update, step = state.opt_state, None, jax.jit(state.tx.update)
   for _ in range(200):  # constant rate, momentum 0.9: the update of a constant gradient tends to -lr / (1 - mu)
@@ -214,15 +224,15 @@ def test_run_config_pins_a_constant_rate_and_no_regularisation_whatever_the_trai
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"activations": ["relu", "nope"]}, "--activations: unknown activation 'nope'"),
-    ({"activations": ["relu", "relu"]}, "--activations lists an activation twice"),
-    ({"lr_grid": ["0.1", "fast"]}, "--lr_grid entry 'fast' is not a number"),
-    ({"lr_grid": [0.1, -1.0]}, "--lr_grid entry must be > 0"),
-    ({"target_error": 1.5}, "--target_error must be in"),
-    ({"max_epochs": 0}, "--max_epochs must be > 0"),
-    ({"subset": 10, "batch": 20}, "--batch 20 is larger than --subset 10"),
-    ({"optimizer": "lbfgs"}, "--optimizer must be one of"),
+    ({"activations": ["relu", "nope"]}, "study.activations: unknown activation 'nope'"),
+    ({"activations": ["relu", "relu"]}, "study.activations lists an activation twice"),
+    ({"lr_grid": ["0.1", "fast"]}, "study.lr_grid entry 'fast' is not a number"),
+    ({"lr_grid": [0.1, -1.0]}, "study.lr_grid entry must be > 0"),
+    ({"target_error": 1.5}, "study.target_error must be in"),
+    ({"max_epochs": 0}, "study.max_epochs must be > 0"),
+    ({"subset": 10, "batch": 20}, "loop.batch_size 20 is larger than data.subset 10"),
+    ({"optimizer": "lbfgs"}, "optimizer.name must be one of"),
 ])
-def test_validate_names_the_flag(override, message):
+def test_validate_names_the_config_key(override, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     rvt.validate(_study("/nowhere", **override))

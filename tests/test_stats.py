@@ -31,7 +31,7 @@ def numpy_forward(variables, x, nonlinearity):
 def test_run_case_matches_numpy_forward(nonlinearity, init, scale):
   x = jax.random.normal(jax.random.key(0), (200, 60))
   case = activation_stats.Case(nonlinearity, init, scale)
-  result = activation_stats.run_case(case, x, num_layers=4, width=60, seed=3, grads=False)
+  result = activation_stats.run_case(case, x, hidden=(60,) * 4, seed=3, grads=False)
   model = models.MLP(hidden=(60,) * 4, num_classes=0, activation=nonlinearity, initializer=init,
                      init_scale=scale, use_bias=False)
   variables = models.init_variables(model, jax.random.key(3), x)
@@ -46,14 +46,14 @@ def test_run_case_matches_numpy_forward(nonlinearity, init, scale):
 def test_lecture_tanh_small_gaussian_stds_collapse_as_published():
   # cs231n: 1000 x 500 unit-Gaussian inputs, W = 0.01 * randn(500, 500), tanh: 0.213, 0.0476, 0.0106, 0.00238.
   x = jax.random.normal(jax.random.key(0), (1000, 500))
-  result = activation_stats.run_case(activation_stats.Case("tanh", "normal", 0.01), x, 4, 500, 1, False)
+  result = activation_stats.run_case(activation_stats.Case("tanh", "normal", 0.01), x, (500,) * 4, 1, False)
   np.testing.assert_allclose([r["std"] for r in result["layers"]], [0.213, 0.0476, 0.0106, 0.00238], rtol=0.03)
 
 
 def test_lecture_relu_he_keeps_mean_and_std_in_every_layer():
   # Closed form for relu(N(0, 2)): mean = sqrt(2) / sqrt(2 pi) = 0.564, std = sqrt(1 - 1/pi) = 0.826.
   x = jax.random.normal(jax.random.key(0), (1000, 500))
-  result = activation_stats.run_case(activation_stats.Case("relu", "he_normal"), x, 6, 500, 1, False)
+  result = activation_stats.run_case(activation_stats.Case("relu", "he_normal"), x, (500,) * 6, 1, False)
   for record in result["layers"]:
     assert abs(record["mean"] - 1 / np.sqrt(np.pi)) < 0.05
     assert abs(record["std"] - np.sqrt(1 - 1 / np.pi)) < 0.06
@@ -61,16 +61,16 @@ def test_lecture_relu_he_keeps_mean_and_std_in_every_layer():
 
 def test_lecture_relu_lecun_halves_variance_per_layer():
   x = jax.random.normal(jax.random.key(0), (1000, 500))
-  layers = activation_stats.run_case(activation_stats.Case("relu", "lecun_normal"), x, 6, 500, 1, False)["layers"]
+  layers = activation_stats.run_case(activation_stats.Case("relu", "lecun_normal"), x, (500,) * 6, 1, False)["layers"]
   second_moments = [r["std"] ** 2 + r["mean"] ** 2 for r in layers]
   np.testing.assert_allclose(np.array(second_moments[1:]) / second_moments[:-1], 0.5, rtol=0.1)
 
 
 def test_tanh_unit_gaussian_saturates_and_batchnorm_rescues():
   x = jax.random.normal(jax.random.key(0), (500, 300))
-  big = activation_stats.run_case(activation_stats.Case("tanh", "normal", 1.0), x, 3, 300, 1, False)
+  big = activation_stats.run_case(activation_stats.Case("tanh", "normal", 1.0), x, (300,) * 3, 1, False)
   assert all(r["saturated"] > 0.85 for r in big["layers"])
-  bn = activation_stats.run_case(activation_stats.Case("tanh", "normal", 0.01, "before"), x, 6, 300, 1, False)
+  bn = activation_stats.run_case(activation_stats.Case("tanh", "normal", 0.01, "before"), x, (300,) * 6, 1, False)
   # BatchNorm before tanh: pre-activations are unit Gaussian, so post std = std(tanh(N(0,1))) = 0.6278.
   tanh_std = np.tanh(np.random.default_rng(0).standard_normal(2_000_000)).std()
   for record in bn["layers"]:
@@ -131,9 +131,9 @@ def test_case_parse_rejects_bad_names():
 
 
 def test_binary_end_to_end(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.activation_stats", "--compare", "--grads", "--layers=3",
-         "--width=40", "--input_dim=40", "--batch=100", f"--workdir={tmp_path}",
-         "--cases=tanh:normal:0.01,relu:he_normal,tanh:lsuv"]
+  cmd = [sys.executable, "-m", "experiments.activation_stats", "--config.model.hidden=(40, 40, 40)",
+         "--config.study.input_dim=40", "--config.study.num_inputs=100", f"--workdir={tmp_path}",
+         "--config.study.cases=('tanh:normal:0.01', 'relu:he_normal', 'tanh:lsuv')"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert "std of each hidden layer" in out
   results = json.loads((tmp_path / "results.json").read_text())
@@ -145,5 +145,7 @@ def test_binary_end_to_end(tmp_path):
   assert all(abs(layer["pre"]["std"] - 1) < 0.01 for layer in results["cases"][2]["layers"])
   for name in ("config.json", "results.csv", "mean_std.png", "histograms_tanh_lsuv.png"):
     assert (tmp_path / name).stat().st_size > 0
-  bad = subprocess.run(cmd[:3] + ["--nonlinearity=nope"], cwd=ROOT, capture_output=True, text=True)
-  assert bad.returncode != 0 and "relu" in bad.stderr
+  assert json.loads((tmp_path / "config.json").read_text())["binary"] == "activation_stats"
+  bad = subprocess.run(cmd[:3] + ["--config.study.compare=False", "--config.model.activation=nope",
+                                  f"--workdir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode != 0 and "relu" in bad.stderr and not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""The general trainer: outputs, resume after SIGKILL, workdir safety, early stopping, NaN guard, ensembles."""
+"""The general trainer: outputs, resume after SIGKILL or SIGTERM, logs true across restarts, extending a finished
+run, workdir safety, early stopping, NaN guard, ensembles."""
 
 import json
 import os
@@ -11,12 +12,30 @@ import jax
 import numpy as np
 import pytest
 
+
+def _umask():
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
 from dlcore import checkpoint, data, ensemble, loop, optim, state as state_lib, train
-from experiments import train_lib
+from experiments import config_lib, train_lib
+from experiments.configs import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = ["--dataset=synthetic", "--model=mlp", "--hidden=64", "--batch_size=64", "--learning_rate=0.05",
-        "--schedule=constant", "--log_every=10"]
+BASE = ["--config.data.dataset=synthetic", "--config.model.hidden=(64,)", "--config.loop.batch_size=64",
+        "--config.optimizer.learning_rate=0.05", "--config.schedule.name=constant", "--config.loop.log_every=10"]
+
+
+def _config(**groups):
+  """The trainer's config with {group: {key: value}} (or seed=...) changed."""
+  config = schema.train()
+  for group, values in groups.items():
+    if isinstance(values, dict):
+      config[group].update(values)
+    else:
+      config[group] = values
+  return config
 
 
 def _trainer(workdir, *extra, devices=1):
@@ -26,7 +45,7 @@ def _trainer(workdir, *extra, devices=1):
 
 
 def _final_params(workdir):
-  config = json.load(open(os.path.join(workdir, "config.json")))
+  config = config_lib.load(str(workdir), "train")
   dataset = data.load("synthetic")
   template = train_lib.build_state(config, dataset, dataset.train.images[:64])
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -36,7 +55,7 @@ def _final_params(workdir):
 
 
 def test_trainer_end_to_end_writes_every_output(tmp_path):
-  proc = _trainer(tmp_path, "--steps=90", "--eval_every=30")
+  proc = _trainer(tmp_path, "--config.loop.steps=90", "--config.loop.eval_every=30")
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out
   assert "img/s" in out and "ETA" in out and "test accuracy" in out
@@ -46,14 +65,18 @@ def test_trainer_end_to_end_writes_every_output(tmp_path):
   assert [r["step"] for r in records if r["split"] == "validation"] == [30, 60, 90]
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(10, 91, 10))
   assert results["evals"][-1]["accuracy"] == [r for r in records if r["split"] == "validation"][-1]["accuracy"]
-  assert json.loads((tmp_path / "config.json").read_text())["hidden"] == [64]
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["hidden"] == [64]
+  assert [r["learning_rate"] for r in records if r["split"] == "train"] == pytest.approx([0.05] * 9)  # float32
+  for name in ("config.json", "results.json", "metrics.jsonl", "curves.png"):  # readable by collaborators
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
   assert (tmp_path / "curves.png").stat().st_size > 0
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
 
 
 @pytest.mark.parametrize("devices", [1, 4])
 def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devices):
-  args = ["--steps=1200", "--eval_every=100", "--checkpoint_every=100", "--batchnorm=before", "--keep_prob=0.8"]
+  args = ["--config.loop.steps=1200", "--config.loop.eval_every=100", "--config.loop.checkpoint_every=100",
+          "--config.model.batchnorm=before", "--config.model.keep_prob=0.8"]
   reference = _trainer(tmp_path / "reference", *args, devices=devices)
   out, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, out
@@ -87,33 +110,34 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devi
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path):
-  first = _trainer(tmp_path, "--steps=5")
+  first = _trainer(tmp_path, "--config.loop.steps=5")
   assert first.wait(timeout=120) == 0
-  clash = _trainer(tmp_path, "--steps=5", "--learning_rate=0.1")
+  clash = _trainer(tmp_path, "--config.loop.steps=5", "--config.optimizer.learning_rate=0.1")
   out, _ = clash.communicate(timeout=120)
-  assert clash.returncode != 0 and "learning_rate: 0.05 -> 0.1" in out and "--overwrite" in out
-  over = _trainer(tmp_path, "--steps=5", "--learning_rate=0.1", "--overwrite")
+  assert clash.returncode != 0 and "optimizer.learning_rate: 0.05 -> 0.1" in out and "--overwrite" in out
+  over = _trainer(tmp_path, "--config.loop.steps=5", "--config.optimizer.learning_rate=0.1", "--overwrite")
   assert over.wait(timeout=120) == 0
-  assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.1
+  assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.1
 
 
-def test_bad_flags_fail_with_the_flag_named(tmp_path):
-  proc = _trainer(tmp_path, "--steps=5", "--batch_size=5000")
+def test_bad_config_values_fail_with_the_key_named(tmp_path):
+  proc = _trainer(tmp_path, "--config.loop.steps=5", "--config.loop.batch_size=5000")
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0 and "--batch_size 5000 is larger than the training set" in out
-  proc = _trainer(tmp_path / "b", "--model=nope")
+  assert proc.returncode != 0 and "loop.batch_size 5000 is larger than the training set" in out
+  proc = _trainer(tmp_path / "b", "--config.model.name=nope")
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "lenet5" in out
-  proc = _trainer(tmp_path / "c", "--dtype=float16")
+  proc = _trainer(tmp_path / "c", "--config.model.dtype=float16")
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0 and "--dtype=float16" in out and "bfloat16" in out
+  assert proc.returncode != 0 and "'float16'" in out and "bfloat16" in out
+  assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_bfloat16_run_trains_and_checkpoints_float32_params(tmp_path):
-  proc = _trainer(tmp_path, "--steps=90", "--eval_every=30", "--dtype=bfloat16")
+  proc = _trainer(tmp_path, "--config.loop.steps=90", "--config.loop.eval_every=30", "--config.model.dtype=bfloat16")
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out
-  assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["dtype"] == "bfloat16"
   assert json.loads((tmp_path / "results.json").read_text())["test_accuracy"] > 0.9  # as float32 in the same 90 steps
   restored = _final_params(tmp_path)
   assert {a.dtype for a in jax.tree.leaves(restored.params)} == {np.dtype(np.float32)}
@@ -121,7 +145,7 @@ def test_bfloat16_run_trains_and_checkpoints_float32_params(tmp_path):
 
 def _fit(tmp_path, lr, patience, steps=40, eval_every=5):
   dataset = data.load("synthetic")
-  model = train_lib.build_model({**train_lib.DEFAULTS, "hidden": [32]}, dataset.num_classes)
+  model = train_lib.build_model(_config(model={"hidden": (32,)}), dataset.num_classes)
   st = state_lib.create(model, optim.optimizer("sgd", lr), dataset.train.images[:2], 0)
   ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "ckpt"), keep=2)
   result = loop.fit(st, jax.jit(train.make_train_step()), jax.jit(train.make_eval_step()),
@@ -157,13 +181,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def _fit_template():
   dataset = data.load("synthetic")
-  model = train_lib.build_model({**train_lib.DEFAULTS, "hidden": [32]}, dataset.num_classes)
+  model = train_lib.build_model(_config(model={"hidden": (32,)}), dataset.num_classes)
   return state_lib.create(model, optim.optimizer("sgd", 0.1), dataset.train.images[:2], 0)
 
 
 def test_snapshot_ensemble_averages_the_sgdr_cycle_ends(tmp_path):
-  config = {"dataset": "synthetic", "hidden": [32], "batch_size": 64, "steps": 60, "schedule": "sgdr",
-            "schedule_params": {"first_period": 20}, "snapshot_ensemble": True, "log_every": 20}
+  config = _config(data={"dataset": "synthetic"}, model={"hidden": (32,)}, loop={"batch_size": 64, "steps": 60,
+                   "log_every": 20}, schedule={"name": "sgdr", "first_period": 20}, ensemble={"snapshot": True})
   results = train_lib.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
   members = results["ensemble"]["members"]
   assert list(members) == ["snapshot@20", "snapshot@40", "snapshot@60"]
@@ -176,9 +200,10 @@ def test_snapshot_ensemble_averages_the_sgdr_cycle_ends(tmp_path):
 
 
 def test_seed_ensemble_of_runs(tmp_path):
-  config = {"dataset": "synthetic", "hidden": [32], "batch_size": 64, "steps": 30, "log_every": 10}
-  train_lib.train_and_evaluate({**config, "seed": 1}, str(tmp_path / "s1"), log=lambda s: None)
-  results = train_lib.train_and_evaluate({**config, "seed": 2, "ensemble": [str(tmp_path / "s1")]},
+  groups = dict(data={"dataset": "synthetic"}, model={"hidden": (32,)},
+                loop={"batch_size": 64, "steps": 30, "log_every": 10})
+  train_lib.train_and_evaluate(_config(seed=1, **groups), str(tmp_path / "s1"), log=lambda s: None)
+  results = train_lib.train_and_evaluate(_config(seed=2, ensemble={"members": (str(tmp_path / "s1"),)}, **groups),
                                          str(tmp_path / "s2"), log=lambda s: None)
   report = results["ensemble"]
   assert len(report["members"]) == 2

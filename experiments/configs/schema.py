@@ -1,0 +1,105 @@
+"""The one config schema of every binary: typed ml_collections groups with their defaults.
+
+A key means the same thing in every binary that reads it and lives in the same group: `data` (what is read),
+`model`, `loss`, `optimizer`, `schedule`, `loop` (how long and how often), `parallel`, `ensemble`, and `study`
+for what only one study has. Each binary reads a subset (`SCHEMAS`); a config file gives the binary's schema
+with some values changed, and `experiments.config_lib` refuses keys outside it. None means "the default of the
+thing it configures" (the model's BatchNorm placement, a schedule's own default for its parameter, ...).
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "relu_vs_tanh", "train"]
+
+
+def _data() -> dict:
+  return dict(dataset="fashion_mnist", data_dir=placeholder(str), download=False, validation_size=-1,
+              preprocess="none", augment="", subset=0)
+
+
+def _model() -> dict:
+  return dict(name="mlp", hidden=(512, 512), activation="relu", init="he_normal", init_scale=placeholder(float),
+              batchnorm=placeholder(str), bn_momentum=0.9, bn_running_var="biased", keep_prob=1.0,
+              dropout_mode="inverted", shortcut="projection", dtype="float32")
+
+
+def _loss() -> dict:
+  return dict(name="cross_entropy", label_smoothing=0.0, hinge_delta=1.0, penalty="none", penalty_strength=0.0,
+              l1_ratio=0.5)
+
+
+def _optimizer() -> dict:
+  return dict(name="momentum", learning_rate=0.1, momentum=0.9, weight_decay=0.0, weight_decay_mode="decoupled",
+              clip_norm=placeholder(float))
+
+
+def _schedule() -> dict:
+  # Every schedule parameter of dlcore.optim; None leaves the chosen schedule's own default.
+  return dict(name="warmup_cosine", step_size=placeholder(int), gamma=placeholder(float),
+              boundaries=placeholder(tuple), decay_rate=placeholder(float), staircase=placeholder(bool),
+              decay=placeholder(float), warmup_steps=placeholder(int), final_fraction=placeholder(float),
+              decay_steps=placeholder(int), first_period=placeholder(int), period_mult=placeholder(int),
+              min_fraction=placeholder(float))
+
+
+def _loop() -> dict:
+  return dict(batch_size=128, epochs=5.0, steps=0, eval_every=0, log_every=100, checkpoint_every=0,
+              keep_checkpoints=3, patience=0)
+
+
+def _parallel() -> dict:
+  return dict(num_devices=placeholder(int), bn_stats="global")
+
+
+def _pick(group: dict, **values) -> dict:
+  """The keys of `group` named in `values`, with those defaults (a study reads only part of a group)."""
+  unknown = sorted(set(values) - set(group))
+  if unknown:
+    raise KeyError(f"not schema keys: {unknown}")
+  return {k: (values[k] if values[k] is not ... else group[k]) for k in values}
+
+
+def train() -> ml_collections.ConfigDict:
+  """The general trainer: every group in full (defaults: the Fashion-MNIST MLP reference run)."""
+  return ml_collections.ConfigDict(dict(
+      seed=0, data=_data(), model=_model(), loss=_loss(), optimizer=_optimizer(), schedule=_schedule(),
+      loop=_loop(), parallel=_parallel(), ensemble=dict(snapshot=False, members=placeholder(tuple))))
+
+
+def activation_stats() -> ml_collections.ConfigDict:
+  """Activation statistics at initialisation (cs231n): an MLP on unit-Gaussian inputs, or the lecture's cases."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      model=_pick(_model(), hidden=(500,) * 10, activation="tanh", init="normal", init_scale=..., batchnorm="none"),
+      study=dict(input_dim=500, num_inputs=1000, grads=False, compare=False, bins=50,
+                 cases=("tanh:normal:0.01", "tanh:normal:1.0", "tanh:lecun_normal", "relu:lecun_normal",
+                        "relu:he_normal", "tanh:normal:0.01:before", "relu:normal:1.0:before", "tanh:lsuv"))))
+
+
+def batchnorm_mnist() -> ml_collections.ConfigDict:
+  """Ioffe & Szegedy 2015, Fig. 1: a 3x100 sigmoid MLP with and without BatchNorm."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset="mnist", data_dir=..., download=...),
+      model=_pick(_model(), init_scale=0.01),
+      optimizer=_pick(_optimizer(), name="sgd", learning_rate=0.5, momentum=...),
+      loop=_pick(_loop(), steps=50000, batch_size=60, eval_every=1000, log_every=1000),
+      parallel=_pick(_parallel(), num_devices=...),
+      study=dict(unit=0, percentile_bn="batch")))
+
+
+def relu_vs_tanh() -> ml_collections.ConfigDict:
+  """Krizhevsky et al. 2012, Fig. 1: epochs to a training error, per activation, at each one's best rate."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset="cifar10", data_dir=..., subset=..., preprocess="mean_image"),
+      model=_pick(_model(), init="lecun_normal"),
+      optimizer=_pick(_optimizer(), name=..., momentum=...),
+      loop=_pick(_loop(), batch_size=...),
+      study=dict(activations=("relu", "tanh"), lr_grid=(0.003, 0.01, 0.03, 0.1), sweep_epochs=2,
+                 target_error=0.25, max_epochs=30, seeds=2, stop_at_target=False)))
+
+
+SCHEMAS = {"train": train, "activation_stats": activation_stats, "batchnorm_mnist": batchnorm_mnist,
+           "relu_vs_tanh": relu_vs_tanh}
