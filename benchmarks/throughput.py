@@ -76,7 +76,7 @@ flags.DEFINE_integer("threads", None, "Intra-op threads for PyTorch (default: th
                      "which is also what XLA's CPU runtime uses).")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where both frameworks run.")
 flags.DEFINE_enum("dtype", "float32", list(models.DTYPES), "Compute dtype. bfloat16: mixed precision, dlcore "
-                  "through the models' dtype field as the trainer's --dtype (float32 params, optimiser state, "
+                  "through the models' dtype field as the trainer's model.dtype (float32 params, optimiser state, "
                   "loss and BatchNorm statistics); PyTorch through torch.autocast.")
 flags.DEFINE_bool("donate", True, "Donate the train state to the jitted step (donate_argnums=0).")
 flags.DEFINE_string("xla_options", "cpu-default", "Compiler options of the 'dlcore_tuned' runner, 'key=value' "
@@ -116,7 +116,7 @@ def describe(model: str) -> str:
 
 
 def build_dlcore(model: str):
-  """The dlcore model, computing in --dtype (the trainer's --dtype: float32 params either way)."""
+  """The dlcore model, computing in --dtype (the trainer's model.dtype: float32 params either way)."""
   dtype = models.compute_dtype(FLAGS.dtype)
   if model == "mlp":
     return models.get("mlp", hidden=tuple(int(h) for h in FLAGS.mlp_hidden), dtype=dtype)

@@ -15,7 +15,7 @@ visible to every process (shared filesystem or GCS).
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -27,7 +27,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from dlcore import checks
 from dlcore.state import TrainState
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CorruptCheckpoint"]
 
 _ARRAYS = ("params", "batch_stats", "opt_state", "rng")
 
@@ -41,7 +41,7 @@ class _QuietUnrankedSaves(logging.Filter):
 
 
 _QUIET = _QuietUnrankedSaves()
-_RESERVED = ("step", "metrics")
+_RESERVED = ("step", "metrics", "fingerprint")
 
 
 def _to_json(tree: Any) -> Any:
@@ -60,6 +60,27 @@ def _arrays(state: TrainState) -> dict:
   if _is_key(tree["rng"]):
     tree["rng"] = jax.random.key_data(tree["rng"])
   return tree
+
+
+@jax.jit
+def _fingerprint(tree) -> jax.Array:
+  """One uint32 per leaf: the position-weighted sum, mod 2**32, of the leaf's bytes. Integer sums do not depend
+  on the order of summation, so the value is exact on any device count; one flipped bit changes it."""
+  def leaf(x):
+    data = jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1).astype(jnp.uint32)
+    weights = jnp.arange(data.size, dtype=jnp.uint32) % jnp.uint32(65521) + jnp.uint32(1)
+    return jnp.sum(data * weights, dtype=jnp.uint32)
+  return jnp.stack([leaf(x) for x in jax.tree.leaves(tree)])
+
+
+class CorruptCheckpoint(RuntimeError):
+  """A checkpoint that cannot be read back as it was written (truncated, garbled, or not finite)."""
+
+
+def _one_line(error: Exception) -> str:
+  """The gist of an orbax/TensorStore error in one short line."""
+  text = f"{type(error).__name__}: {error}".strip().split(". See full")[0].splitlines()
+  return text[0][:200] if text else type(error).__name__
 
 
 def _path(keys) -> str:
@@ -142,8 +163,10 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     ranked = metrics if self.best_metric in metrics else None
-    args = ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
-                              meta=ocp.args.JsonSave({"step": step, "metrics": metrics, **metadata}))
+    arrays = _arrays(state)
+    fingerprint = [int(v) for v in np.asarray(_fingerprint(arrays))]
+    args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(
+        {"step": step, "metrics": metrics, "fingerprint": fingerprint, **metadata}))
     return self._manager.save(step, args=args, metrics=ranked, force=force)
 
   def all_steps(self) -> list[int]:
@@ -158,7 +181,8 @@ class Checkpointer:
     """The retained step with the best `best_metric`, or None when no save carried that metric."""
     return self._manager.best_step()
 
-  def restore(self, template: TrainState, step: int | str | None = None) -> tuple[TrainState, dict]:
+  def restore(self, template: TrainState, step: int | str | None = None, *,
+              log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
     """Restores into the structure, dtypes and shardings of `template`; returns (state, metadata).
 
     `step` is a step number, 'latest' (or None) or 'best'. `template` is a freshly created state for the same
@@ -166,40 +190,77 @@ class Checkpointer:
     with the template's shardings and dtypes (orbax casts a stored float32 to a bfloat16 template silently); the
     step has the template's type (a Python int for `TrainState.create`). FileNotFoundError when there is no such
     checkpoint; ValueError naming the mismatching paths when the template's tree or shapes differ.
+
+    Every restore is verified: orbax must read it, the arrays must match the fingerprint taken when they were
+    saved, and params must be finite. For 'latest', a checkpoint that fails is moved aside (to
+    `<directory>.corrupt/`, never deleted), `log` says so in one line, and the next newest is tried; for an
+    explicit step or 'best' a failure raises CorruptCheckpoint.
     """
     self._manager.wait_until_finished()
     if step is None or step == "latest":
-      which, step = "latest", self.latest_step()
-    elif step == "best":
+      while True:
+        latest = self.latest_step()
+        if latest is None:
+          raise FileNotFoundError(f"no latest checkpoint in {self.directory} (complete steps: none)")
+        try:
+          return self._restore_step(template, latest, f"step {latest}")
+        except CorruptCheckpoint as e:
+          moved = self._move_aside(latest)
+          log(f"checkpoint {latest} is unreadable ({e}); moved it to {moved}; trying the previous one")
+    if step == "best":
       which, step = "best", self.best_step()
     elif isinstance(step, (int, np.integer)) and not isinstance(step, bool):
       which, step = f"step {step}", int(step)
     else:
       raise ValueError(f"step must be an int, 'latest', 'best' or None; got {step!r}")
+    return self._restore_step(template, step, which)
+
+  def _restore_step(self, template: TrainState, step: int | None, which: str) -> tuple[TrainState, dict]:
     steps = self.all_steps()
     if step is None or step not in steps:
       raise FileNotFoundError(f"no {which} checkpoint in {self.directory} (complete steps: {steps or 'none'})")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
     # Orbax finds shape mismatches only while reading (leaving abandoned reads behind), so compare first.
-    stored, wanted = _shapes(self._manager.item_metadata(step)["state"]), _shapes(target)
-    wrong = [f"{p}: checkpoint {stored[p]}, template {shape}" for p, shape in wanted.items()
-             if stored.get(p, shape) != shape]
+    try:
+      stored = _shapes(self._manager.item_metadata(step)["state"])
+    except Exception as e:  # noqa: BLE001 - whatever orbax raises for an unreadable manifest
+      raise CorruptCheckpoint(_one_line(e)) from None
+    wanted = _shapes(target)
+    wrong = [f"{p}: checkpoint {stored.get(p, 'missing')}, template {shape}" for p, shape in wanted.items()
+             if stored.get(p, shape) != shape] + [f"{p}: not in the template" for p in stored if p not in wanted]
     if wrong:
-      raise ValueError(f"checkpoint {step} in {self.directory} does not fit the template (another model?): "
-                       + "; ".join(wrong))
+      raise ValueError(f"checkpoint {step} in {self.directory} does not fit the template (another model or "
+                       "optimiser?): " + "; ".join(wrong))
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     try:
       restored = self._manager.restore(step, args=args)
-    except ValueError as e:
-      raise ValueError(f"checkpoint {step} in {self.directory} does not fit the template (another model or "
-                       f"optimiser?): {e}") from e
+    except Exception as e:  # noqa: BLE001 - the tree fits, so a failed read is a damaged checkpoint
+      raise CorruptCheckpoint(_one_line(e)) from None
     arrays, meta = dict(restored["state"]), dict(restored["meta"])
+    if "fingerprint" in meta and [int(v) for v in np.asarray(_fingerprint(arrays))] != meta["fingerprint"]:
+      raise CorruptCheckpoint("its arrays differ from what was saved")
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(arrays["params"])):
+      raise CorruptCheckpoint("its parameters are not finite")
     if _is_key(template.rng):
       arrays["rng"] = jax.random.wrap_key_data(arrays["rng"], impl=jax.random.key_impl(template.rng))
     saved_step = meta["step"]
     if isinstance(template.step, jax.Array):
       saved_step = jax.device_put(jnp.asarray(saved_step, template.step.dtype), template.step.sharding)
+    meta.pop("fingerprint", None)
     return template.replace(step=saved_step, **arrays), meta
+
+  def _move_aside(self, step: int) -> str:
+    """Moves step `step` to `<directory>.corrupt/<step>[.k]` (keeping it for inspection) and forgets it."""
+    folder = self.directory + ".corrupt"
+    os.makedirs(folder, exist_ok=True)
+    target, k = os.path.join(folder, str(step)), 0
+    while os.path.exists(target):
+      k += 1
+      target = os.path.join(folder, f"{step}.{k}")
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until every pending save is on disk."""

@@ -72,7 +72,8 @@ class _Normalize(nn.Module):
       mean, var = flax_norm._compute_stats(x, axes, self.dtype, self.axis_name, use_fast_variance=False)
       if not self.is_initializing():
         count = math.prod(x.shape[:-1]) * (1 if self.axis_name is None else lax.psum(1, self.axis_name))
-        estimate = var * (count / (count - 1)) if self.running_var == "unbiased" else var
+        # one value per feature has no unbiased variance: keep the biased one (0) rather than divide by zero
+        estimate = var * (count / jnp.maximum(count - 1, 1)) if self.running_var == "unbiased" else var
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * estimate
     return flax_norm._normalize(self, x, mean, var, axes, (x.ndim - 1,), self.dtype, jnp.float32, self.epsilon,

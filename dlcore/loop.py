@@ -130,17 +130,19 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   dlcore.summaries.MetricWriter, whose records past the starting step are dropped first (so a restarted run
   logs each step once); put_batch places a host batch on the devices (dlcore.parallel); on_step(step, state)
   runs on the host after every step (e.g. collecting snapshot-ensemble members); should_stop() is asked after
-  every step (with several processes, at log steps, all agreeing) and a reason it returns (e.g. 'SIGTERM') ends
+  every step (with several processes only at log steps, where they agree; so keep log_every small enough
+  for a scheduler's warning) and a reason it returns (e.g. 'SIGTERM') ends
   the run after checkpointing that step (`LoopResult.stopped_by`). Train metrics are means over each log
   window; the open window is checkpointed too, so a resumed run logs exactly what an uninterrupted one would.
-  images/s counts training time only. Raises FloatingPointError on a non-finite loss, naming the step; the last
+  images/s counts training time only. The loop draws one batch ahead of the step it runs, so a generator it
+  stops early on has given one batch more than was trained on. Raises FloatingPointError on a non-finite loss, naming the step; the last
   good checkpoint is kept.
   """
   if config.patience and checkpointer is None:
     raise ValueError("patience > 0 (early stopping) needs a checkpointer to restore the best state from")
   evals, best, bad_evals, meta = [], None, 0, {}
   if checkpointer is not None and checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
+    state, meta = checkpointer.restore(state, log=log)
     evals, bad_evals = meta.get("evals", []), meta.get("bad_evals", 0)
     best = max(evals, key=lambda e: (e["accuracy"], -e["step"])) if evals else None
     log(f"resumed from step {int(state.step)} of {checkpointer.directory}")
@@ -152,17 +154,22 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   if step and not batches.seeded:
     if batches.stateful and meta.get("data_iterator") is not None:
       batches.set_state(meta["data_iterator"])
+    elif batches.stateful:
+      log(f"resuming at step {step}: the checkpoint holds no position of the data iterator; training continues "
+          "with the batches it yields next")
     else:
       log(f"resuming at step {step} from an iterable without batch_at/get_state: training continues with the "
           "batches it yields next, not those an uninterrupted run would have seen")
   window = meta.get("window")  # the log window open at the checkpoint: {'count', 'sums'}
-  sums = None if not window else {k: jnp.asarray(v, jnp.float32) for k, v in window["sums"].items()}
+  sums = None if not window else {k: np.float32(v) for k, v in window["sums"].items()}
   count, window_images, window_train_s = (window or {}).get("count", 0), 0, 0.0
   run_start, run_start_step = time.perf_counter(), step
   stopped_early, stopped_by = False, None
   batch = batches.next() if step < last else None
   if batch is None and step < last:
-    raise ValueError(f"train_batches yielded no batch at step {step}")
+    if not step:
+      raise ValueError(f"train_batches yielded no batch at step {step}")
+    log(f"train_batches has no batch after step {step}: nothing left to train")
   tick = time.perf_counter()
   while batch is not None:
     placed = put_batch(batch)
@@ -233,6 +240,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
     if evaluated or checkpoint_due:
       tick = time.perf_counter()
     if stopped_early:
+      stopped_by = None  # the run is over, not interrupted
       log(f"early stopping at step {step}: no improvement in {config.patience} evaluations; "
           f"restoring step {best['step']}")
       checkpointer.wait()

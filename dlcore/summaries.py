@@ -58,13 +58,14 @@ class MetricWriter:
     self._add_scalars(record)
     self._tb.flush()
 
-  def truncate_after(self, step: int) -> None:
+  def truncate_after(self, step: int, *, final_splits: tuple[str, ...] = ("test",)) -> None:
     """Drops the records past `step` (a restarted run logs what came after its checkpoint again; 0 for a run
-    starting over) and rebuilds TensorBoard from what is kept."""
+    starting over), and those of `final_splits` (written once training has ended) at `step` itself, then
+    rebuilds TensorBoard from what is kept."""
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      kept = [r for r in read(self.path) if r["step"] <= step]
+      kept = [r for r in read(self.path) if r["step"] < step or (r["step"] == step and r["split"] not in final_splits)]
       with open(self.path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(self.path + ".tmp", self.path)

@@ -1,1 +1,1 @@
-"""absl experiment binaries: flags -> dlcore calls -> table, plots and JSON in --workdir."""
+"""absl experiment binaries: a config (configs/) -> dlcore calls -> table, plots and JSON in --workdir."""

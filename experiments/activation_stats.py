@@ -1,11 +1,18 @@
 r"""Activation statistics across layers at initialisation (cs231n, 'Training Neural Networks I').
 
 A deep MLP without biases (default 10 hidden layers of 500 units) is run forward on unit-Gaussian inputs; the
-binary prints the input's and every hidden layer's mean and std, and writes per-layer histograms, a mean/std
-plot and results.json/results.csv to --workdir. --grads also backpropagates a random upstream gradient and
-reports each layer's activation- and weight-gradient std. --compare runs the lecture's cases in one table.
+binary prints the input's and every hidden layer's mean and std. study.grads also backpropagates a random
+upstream gradient and reports each layer's activation- and weight-gradient std; study.compare runs the cases of
+study.cases (the lecture's) in one table. Written to --workdir:
 
-  python -m experiments.activation_stats --workdir=runs/activation_stats     # the lecture's cases, with --grads
+  histograms_<case>.png  every hidden layer's post-activation histogram, one figure per case (histograms.png for
+                         a single case), all panels on one x-range and bins with a log count axis
+  mean_std.png           per-layer post-activation mean and std (log scale), one line per case
+  gradients.png          per-layer activation- and weight-gradient std (log scale), one line per case; only with
+                         study.grads
+  results.json, results.csv, config.json
+
+  python -m experiments.activation_stats --workdir=runs/activation_stats     # the lecture's cases, with gradients
   python -m experiments.activation_stats --config.study.compare=False --config.model.activation=relu \
       --config.model.init=he_normal --workdir=/tmp/relu_he                      # one case
 
@@ -19,6 +26,7 @@ import sys
 from absl import flags
 from absl import logging
 import jax
+from matplotlib import ticker
 import numpy as np
 
 from dlcore import activations, checks, initializers, layers, models, stats
@@ -91,32 +99,126 @@ def run_case(case: Case, inputs: jax.Array, hidden: tuple[int, ...], seed: int, 
           "_post": [np.asarray(layer["post"]) for layer in acts]}
 
 
-def plot_histograms(result: dict, bins: int, path: str) -> None:
+BOUNDED_RANGES = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+TICK_SIZE = 8
+
+
+def histogram_range(posts: list[np.ndarray], nonlinearity: str) -> tuple[float, float]:
+  """The x-range shared by every layer's histogram: tanh's and sigmoid's own range, else the extremes over layers
+  (0 included, so relu's dead units sit at the left edge)."""
+  if nonlinearity in BOUNDED_RANGES:
+    return BOUNDED_RANGES[nonlinearity]
+  finite = [p[np.isfinite(p)] for p in posts]
+  lo = min([0.0] + [float(f.min()) for f in finite if f.size])
+  hi = max([0.0] + [float(f.max()) for f in finite if f.size])
+  return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def histogram_figure(result: dict, bins: int):
+  """One panel per hidden layer, all on the same x-range, bins and log-count y-axis, so a layer whose values
+  collapse to 0 shows as a spike next to the wide histograms of the layers before it."""
   posts = result["_post"]
+  lo, hi = histogram_range(posts, result["nonlinearity"])
+  edges = np.linspace(lo, hi, bins + 1)
   cols = min(len(posts), 5)
   rows = -(-len(posts) // cols)
-  fig, axes = common.plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False,
-                                     layout="constrained")
+  fig, axes = common.plt.subplots(rows, cols, figsize=(2.9 * cols + 0.6, 2.3 * rows + 0.9), squeeze=False,
+                                  sharex=True, sharey=True, layout="constrained")
   for i, (ax, post) in enumerate(zip(axes.flat, posts)):
-    ax.hist(post.ravel(), bins=bins, color="C0")
-    ax.set_title(f"layer {i + 1}: std {post.std():.3g}", fontsize=9)
-    ax.tick_params(labelsize=7)
-  for ax in list(axes.flat)[len(posts):]:
-    ax.axis("off")
-  fig.suptitle(f"post-activation histograms: {result['case']}")
-  common.save_figure(fig, path)
+    ax.hist(post.ravel(), bins=edges, color="C0")
+    ax.set_title(f"layer {i + 1}: std {post.std():.3g}", fontsize=10)
+    ax.tick_params(which="both", labelsize=TICK_SIZE)
+  pad = 0.03 * (hi - lo)  # a spike at either end stays off the frame; neighbouring end tick labels stay apart
+  ax.set(xlim=(lo - pad, hi + pad), yscale="log")
+  ax.set_ylim(0.7, 2 * max(post.size for post in posts))  # up to a spike of every value in one bin
+  for i, ax in enumerate(axes.flat):
+    if i >= len(posts):
+      ax.axis("off")
+    elif i + cols >= len(posts):  # nothing drawn below this panel: it carries the x tick labels
+      ax.xaxis.set_tick_params(labelbottom=True)
+  fig.get_layout_engine().set(wspace=0.04)
+  fig.supxlabel("post-activation value", fontsize=10)
+  fig.supylabel(f"count of {posts[0].size} values (log scale)", fontsize=10)
+  fig.suptitle(f"post-activation histograms: {result['case']}", fontsize=12)
+  return fig
+
+
+def plot_histograms(result: dict, bins: int, path: str) -> None:
+  common.save_figure(histogram_figure(result, bins), path)
+
+
+class PlainLogFormatter(ticker.LogFormatter):
+  """Labels the log-axis ticks matplotlib would label (minor ones only on a narrow axis) as 0.85, not 8.5e-01."""
+
+  def __call__(self, x, pos=None):
+    return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+
+def _lines_by_layer(ax, results: list[dict], key, log: bool) -> None:
+  """One line per case of `key(layer record)` against the hidden-layer index (non-positive values left out on a
+  log axis)."""
+  for i, result in enumerate(results):
+    depth = np.arange(1, len(result["layers"]) + 1)
+    values = np.array([key(r) for r in result["layers"]], np.float64)
+    if log:
+      values[values <= 0] = np.nan
+    ax.plot(depth, values, marker=MARKERS[i % len(MARKERS)], markersize=5, color=f"C{i % 10}", alpha=0.85,
+            label=result["case"])
+  ax.set_xlabel("hidden layer index", fontsize=10)
+  ax.set_xticks(np.arange(1, max(len(r["layers"]) for r in results) + 1))
+  ax.tick_params(which="both", labelsize=TICK_SIZE + 1)
+  ax.grid(alpha=0.3, which="major")
+  if log:
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def _figure_by_layer(results: list[dict], panels: list[tuple[str, str, object, bool]], title: str):
+  """Side-by-side panels (title, y label, key, log y) with one legend for all of them below the panels."""
+  fig, axes = common.plt.subplots(1, len(panels), figsize=(12, 4.2 + 0.25 * -(-len(results) // 4)),
+                                  layout="constrained")
+  for ax, (panel_title, ylabel, key, log) in zip(axes, panels):
+    _lines_by_layer(ax, results, key, log)
+    ax.set_title(panel_title, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=10)
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(results), 4),
+             fontsize=9, frameon=False)
+  fig.suptitle(title, fontsize=12)
+  return fig
+
+
+def mean_std_figure(results: list[dict]):
+  return _figure_by_layer(results, [
+      ("mean", "mean of post-activations", lambda r: r["mean"], False),
+      ("std", "std of post-activations (log scale)", lambda r: r["std"], True)],
+      "post-activation statistics per hidden layer")
 
 
 def plot_mean_std(results: list[dict], path: str) -> None:
-  fig, (ax_mean, ax_std) = common.plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-  for result in results:
-    depth = np.arange(1, len(result["layers"]) + 1)
-    ax_mean.plot(depth, [r["mean"] for r in result["layers"]], "o-", label=result["case"])
-    ax_std.plot(depth, [r["std"] for r in result["layers"]], "o-", label=result["case"])
-  ax_mean.set(title="layer mean", xlabel="hidden layer")
-  ax_std.set(title="layer std", xlabel="hidden layer", yscale="log")
-  ax_std.legend(fontsize=7)
-  common.save_figure(fig, path)
+  common.save_figure(mean_std_figure(results), path)
+
+
+def has_gradients(results: list[dict]) -> bool:
+  return bool(results) and all("grad_std" in r["layers"][0] for r in results)
+
+
+def gradients_figure(results: list[dict]):
+  """Per-layer std of dL/d(post-activation) and dL/dW, one line per case; None without gradient statistics."""
+  if not has_gradients(results):
+    return None
+  return _figure_by_layer(results, [
+      ("activation gradient", "std of dL/d(post-activation) (log scale)", lambda r: r["grad_std"], True),
+      ("weight gradient", "std of dL/dW (log scale)", lambda r: r["weight_grad_std"], True)],
+      "gradient statistics per hidden layer (random unit-Gaussian upstream gradient)")
+
+
+def plot_gradients(results: list[dict], path: str) -> bool:
+  """Writes gradients.png when every result carries gradient statistics; whether it did."""
+  fig = gradients_figure(results)
+  if fig is not None:
+    common.save_figure(fig, path)
+  return fig is not None
 
 
 def layer_table(result: dict, input_stats: dict) -> str:
@@ -184,6 +286,7 @@ def main(argv):
     rows = [[i + 1] + [r["layers"][i]["std"] for r in results] for i in range(len(hidden))]
     print(f"\n== std of each hidden layer ==\n{common.format_table(header, rows)}")
   plot_mean_std(results, os.path.join(FLAGS.workdir, "mean_std.png"))
+  grads_png = plot_gradients(results, os.path.join(FLAGS.workdir, "gradients.png"))
 
   public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
   csv_rows = [[r["case"], i + 1, l["mean"], l["std"], l["saturated"], l.get("grad_std", ""),
@@ -194,7 +297,8 @@ def main(argv):
   summary.update({"layers": public[0]["layers"], "case": public[0]["case"]} if len(public) == 1
                  else {"cases": public})
   common.write_json(os.path.join(FLAGS.workdir, "results.json"), summary)
-  print(f"\nwrote {FLAGS.workdir}/results.json, results.csv, mean_std.png and histograms")
+  pngs = "mean_std.png, gradients.png" if grads_png else "mean_std.png"
+  print(f"\nwrote {FLAGS.workdir}/results.json, results.csv, {pngs} and histograms")
 
 
 def run():

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import logging as pylogging
 import os
 import sys
 import tempfile
@@ -17,9 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+  """The process umask, read without changing it where Linux shows it (os.umask would race other threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
@@ -79,6 +85,87 @@ def run_main(main, module_name: str) -> None:
 
 
 def quiet_logs() -> None:
-  """Keeps absl INFO lines (orbax writes many per checkpoint) out of the progress output unless -v is given."""
+  """Keeps absl INFO lines (orbax writes many per checkpoint) out of the progress output unless -v is given, and
+  drops the unraisable-exception reports of orbax's abandoned reads and writes after a failed restore or save
+  (the binaries report the failure itself in one line)."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    # orbax logs a failed background save from each of its threads with a traceback; the binaries report the
+    # failure themselves, in one line.
+    pylogging.getLogger("absl").addFilter(
+        lambda record: not (record.levelno >= pylogging.ERROR and "orbax" in record.pathname))
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+      return
+    # TensorStore's callbacks into an event loop orbax already closed, after a failed save.
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
+class WorkdirLock:
+  """An OS-level lock (`fcntl.flock` on WORKDIR/.lock) held for a whole run, so two runs never share a workdir.
+
+  The lock file records the holder's host, pid and start time. A second run on a locked workdir raises
+  `WorkdirBusy` naming the holder. The OS releases the lock when its process dies, so a lock file left by a
+  dead run is taken over, with a message naming it. `created` says whether acquiring made the folder (so a
+  rejected run can remove it again). On a filesystem without flock (some network mounts) the lock is advisory
+  only.
+  """
+
+  def __init__(self, workdir: str, log=print):
+    self.workdir, self.path, self._log = workdir, os.path.join(workdir, ".lock"), log
+    self._fd, self.created = None, False
+
+  def __enter__(self) -> "WorkdirLock":
+    import fcntl  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    self.created = not os.path.exists(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise WorkdirBusy(f"--workdir {self.workdir} is in use by {holder}; wait for it to finish or use another "
+                          "--workdir") from None
+      if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+        break  # the file we locked is still the lock file (not one a finishing run just removed)
+      os.close(fd)
+    previous = os.read(fd, 4096).decode(errors="replace").strip()
+    if previous:
+      self._log(f"taking over the lock of {previous}, which is no longer running")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+             .encode())
+    self._fd = fd
+    return self
+
+  def release(self, *, remove_workdir: bool = False) -> None:
+    """Removes the lock file and releases the lock; `remove_workdir` also removes the folder if it is empty."""
+    if self._fd is None:
+      return
+    os.remove(self.path)
+    os.close(self._fd)
+    self._fd = None
+    if remove_workdir:
+      try:
+        os.rmdir(self.workdir)
+      except OSError:
+        pass
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live run holds the workdir's lock."""

@@ -51,7 +51,19 @@ def _merge(base: ml_collections.ConfigDict, values: dict, source: str, prefix: s
       raise ConfigError(f"{source}: {path!r} must be {expected}, got {value!r}") from None
 
 
+def _alias_package() -> None:
+  """Config files import `dlcore_experiments.configs.schema`; from a clone that is not pip-installed, that
+  name is this package (`experiments`)."""
+  try:
+    importlib.import_module("dlcore_experiments.configs.schema")
+  except ImportError:
+    sys.modules.setdefault("dlcore_experiments", sys.modules[__package__])
+    sys.modules.setdefault("dlcore_experiments.configs", configs)
+    sys.modules.setdefault("dlcore_experiments.configs.schema", schema)
+
+
 def _from_python(path: str, binary: str) -> ml_collections.ConfigDict:
+  _alias_package()
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} does not exist")
   try:

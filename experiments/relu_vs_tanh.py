@@ -80,7 +80,7 @@ KEYS = {'activations': 'study.activations', 'init': 'model.init', 'lr_grid': 'st
 
 
 def validate(study: dict) -> dict:
-  """The study settings, normalised and checked with errors that name the flag (seeds: the list of seeds)."""
+  """The study settings, normalised and checked with errors that name the config key (seeds: the list of seeds)."""
   study = dict(study)
   acts = [a.strip().lower() for a in study["activations"] if a.strip()]
   if not acts:
@@ -103,6 +103,10 @@ def validate(study: dict) -> dict:
     raise ValueError(f"seed must be >= 0 and study.seeds >= 1, got seeds {study['seeds']}")
   checks.in_range("study.target_error", study["target_error"], 0.0, 1.0, low_open=True, high_open=True)
   checks.in_range("optimizer.momentum", study["momentum"], 0.0, 1.0, high_open=True)
+  if (study["optimizer"] not in ("momentum", "momentum_ema", "nesterov")
+      and study["momentum"] != schema.relu_vs_tanh().optimizer.momentum):
+    raise ValueError(f"optimizer.momentum={study['momentum']!r} has no effect: optimizer.name is "
+                     f"{study['optimizer']!r}")
   if study["subset"] and study["batch"] > study["subset"]:
     raise ValueError(f"loop.batch_size {study['batch']} is larger than data.subset {study['subset']}")
   if study["dataset"] == "synthetic" and study["data_dir"] is not None:
@@ -487,14 +491,14 @@ def plot_sweep(results: dict, path: str) -> None:
 def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) -> dict:
   """The sweep, the seeded runs and the analysis; writes every output to `workdir` and returns results.json's dict.
 
-  `study` holds the flag values (see `validate`; `seeds` is the list of seeds).
+  `study` holds the study's settings (see `validate`; `seeds` is the list of seeds).
   """
   study = validate(study)
   runs_dir = os.path.join(workdir, "runs")
   if overwrite and os.path.isdir(runs_dir):
     shutil.rmtree(runs_dir)
   os.makedirs(workdir, exist_ok=True)
-  common.write_json(os.path.join(workdir, "config.json"), study)
+  common.write_json(os.path.join(workdir, "settings.json"), study)
   lazy_data = LazyData(study, log)
   compiled = {}  # compiled steps shared by the runs of this study (see _compiled)
   acts, seeds, grid, target = study["activations"], study["seeds"], study["lr_grid"], study["target_error"]
@@ -596,6 +600,8 @@ def main(argv):
     study = study_from_config(CONFIG.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  common.write_json(os.path.join(FLAGS.workdir, "config.json"), config_lib.to_json_dict(CONFIG.value, "relu_vs_tanh"))
   results = run_study(study, FLAGS.workdir, overwrite=FLAGS.overwrite,
                       log=lambda message: print(message, flush=True))
   rows = [[r["activation"], r["seed"], r["learning_rate"],

@@ -21,6 +21,7 @@ import sys
 from absl import flags
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from dlcore import loop, parallel
 from . import common, config_lib, train_lib
@@ -48,39 +49,88 @@ def print_results(results: dict, workdir: str) -> None:
   print(f"wrote {workdir}/results.json, metrics.jsonl, curves.png")
 
 
+def _check_workdir_name(workdir: str) -> None:
+  if not workdir:
+    raise ValueError("--workdir is empty; give the folder for the run's outputs")
+  try:
+    os.fsencode(workdir).decode("utf-8")
+  except UnicodeDecodeError:
+    raise ValueError(f"--workdir {workdir!r} is not valid UTF-8; orbax cannot write there") from None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} exists and is not a folder")
+
+
+_RESOURCE_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _resource_cause(error: Exception) -> str | None:
+  """The resource limit an error reports, if any (as an OSError, or inside TensorStore's message)."""
+  text = f"{getattr(error, 'strerror', '') or ''} {error}"
+  return next((cause for cause in _RESOURCE_ERRORS if cause in text), None)
+
+
+def _last_checkpoint(workdir: str) -> int | None:
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=None)
+
+
 def main(argv):
   del argv
   common.quiet_logs()
   config = CONFIG.value
+  workdir = FLAGS.workdir
   try:
+    _check_workdir_name(workdir)
     train_lib.validate(config)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     sys.exit(f"error: {e}")
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  workdir = FLAGS.workdir
-  if jax.process_index() == 0:  # one process judges (and with --overwrite clears) the shared workdir
+  lock = common.WorkdirLock(workdir)
+  status, error = "train", None
+  if jax.process_index() == 0:  # one process holds the lock and judges (or with --overwrite clears) the workdir
     try:
+      lock.__enter__()
       status = train_lib.check_workdir(workdir, config, overwrite=FLAGS.overwrite,
                                        extend_schedule=FLAGS.extend_schedule)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-    if status == "finished":
+    except (common.WorkdirBusy, ValueError) as e:
+      lock.release(remove_workdir=lock.created)
+      status, error = "error", e
+  if jax.process_count() > 1:  # every process acts on process 0's verdict
+    codes = ("train", "finished", "error")
+    status = codes[int(multihost_utils.broadcast_one_to_all(np.int32(codes.index(status))))]
+  if status == "error":
+    sys.exit(f"error: {error}" if error is not None else 1)
+  if status == "finished":
+    lock.release()
+    if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
       print(f"{workdir} holds a finished run with this config; nothing to do")
       print_results(results, workdir)
-      return
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("workdir checked")
-  with loop.StopOnSignals() as stop:
-    try:
-      results = train_lib.train_and_evaluate(config, workdir, extend_schedule=FLAGS.extend_schedule,
-                                             should_stop=stop.requested)
-    except train_lib.Interrupted as e:
-      print(str(e), file=sys.stderr)
-      sys.exit(EXIT_INTERRUPTED)
-    except (ValueError, FileNotFoundError) as e:  # bad values only the data reveals, missing data
+    return
+  try:
+    with loop.StopOnSignals() as stop:
+      results = train_lib.train_and_evaluate(config, workdir, should_stop=stop.requested)
+  except train_lib.Interrupted as e:
+    lock.release()
+    print(str(e), file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  except (ValueError, OSError) as e:
+    lock.release(remove_workdir=lock.created)
+    cause = _resource_cause(e)
+    if cause is None and isinstance(e, (ValueError, FileNotFoundError)):  # bad values the data reveals, no data
       sys.exit(f"error: {e}")
+    if cause is None:
+      raise
+    # A full disk or a file-size limit (TensorStore reports them as ValueErrors): one line, with how to go on.
+    # Exit at once: orbax's failed background writers would otherwise print tracebacks while Python shuts down.
+    print(f"error: {cause} while writing to {workdir}; last good checkpoint: step {_last_checkpoint(workdir)}; "
+          "free space (or raise the limit) and re-run the same command to resume", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+  lock.release()
   if jax.process_index() == 0:
     print_results(results, workdir)
 

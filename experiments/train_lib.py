@@ -38,8 +38,10 @@ LENGTH_KEYS = ("loop.steps", "loop.epochs")
 MODEL_KEYS = {"hidden": "hidden", "activation": "activation", "init": "initializer", "init_scale": "init_scale",
               "batchnorm": "batchnorm", "bn_momentum": "bn_momentum", "bn_running_var": "bn_running_var",
               "keep_prob": "keep_prob", "dropout_mode": "dropout_mode", "shortcut": "shortcut", "dtype": "dtype"}
-# Schedules whose learning rate at a step depends on the run's total length.
-_LENGTH_DEPENDENT_SCHEDULES = ("warmup_cosine", "linear")
+def _length_dependent(config) -> bool:
+  """Whether the learning rate at a step depends on the run's total length."""
+  return config.schedule.name == "warmup_cosine" or (config.schedule.name == "linear"
+                                                      and config.schedule.decay_steps is None)
 
 
 class Interrupted(Exception):
@@ -79,8 +81,9 @@ def build_model(config, num_classes: int):
       if value is not None or key != "batchnorm":  # batchnorm None: the model's own default
         kwargs[option] = {"hidden": tuple, "dtype": models.compute_dtype}.get(key, lambda v: v)(value)
     elif value != defaults[key]:
-      raise ValueError(f"model.{key}={value!r} has no effect on model {spec.name!r}; its options are: "
-                       f"{', '.join(takes)}")
+      keys = [f"model.{k}" for k, o in MODEL_KEYS.items() if o in takes]
+      raise ValueError(f"model.{key}={value!r} has no effect on model {spec.name!r}; the model keys it reads: "
+                       f"{', '.join(keys)}")
   model = models.get(spec.name, **kwargs)
   idle = {"dropout_mode": model.keep_prob == 1.0, "bn_momentum": model.batchnorm == "none",
           "bn_running_var": model.batchnorm == "none"}
@@ -99,6 +102,8 @@ def validate(config) -> None:
   """Every check that needs no data: names, ranges, and keys that would have no effect (ValueError naming the
   key and what is allowed). Run before anything is loaded or written."""
   c = config
+  for group in ("model", "loss", "optimizer", "schedule"):  # names are case-insensitive: compare them lower-case
+    c[group].name = c[group].name.lower()
   checks.non_negative("seed", c.seed)
   checks.lookup("data.dataset", {n: n for n in data.NAMES}, c.data.dataset)
   checks.one_of("data.preprocess", c.data.preprocess, data.preprocess.METHODS)
@@ -107,7 +112,8 @@ def validate(config) -> None:
     raise ValueError(f"data.validation_size must be >= -1 (-1: the dataset's default), got {c.data.validation_size}")
   checks.non_negative("data.subset", c.data.subset)
   for i, width in enumerate(c.model.hidden):
-    checks.positive(f"model.hidden[{i}]", width)
+    if not isinstance(width, int) or width <= 0:
+      raise ValueError(f"model.hidden[{i}] must be a positive integer, got {width!r} (model.hidden={c.model.hidden!r})")
   activations.get(c.model.activation)
   initializers.get(c.model.init, c.model.init_scale)
   models.compute_dtype(c.model.dtype)
@@ -121,12 +127,9 @@ def validate(config) -> None:
   idle = {"loss.label_smoothing": (c.loss.name != "cross_entropy", f"loss.name is {c.loss.name!r}"),
           "loss.hinge_delta": (c.loss.name != "hinge", f"loss.name is {c.loss.name!r}"),
           "loss.penalty_strength": (c.loss.penalty == "none", "loss.penalty is 'none'"),
-          "loss.penalty": (c.loss.penalty_strength == 0, "loss.penalty_strength is 0"),
           "loss.l1_ratio": (c.loss.penalty != "elastic_net", f"loss.penalty is {c.loss.penalty!r}"),
           "optimizer.momentum": (c.optimizer.name not in ("momentum", "momentum_ema", "nesterov"),
                                  f"optimizer.name is {c.optimizer.name!r}"),
-          "optimizer.weight_decay_mode": (c.optimizer.weight_decay == 0, "optimizer.weight_decay is 0"),
-          "loop.epochs": (c.loop.steps > 0, "loop.steps is set"),
           "ensemble.snapshot": (c.schedule.name != "sgdr", "snapshots are taken at the ends of the cycles of "
                                 "schedule.name='sgdr'")}
   for key, (is_idle, reason) in idle.items():
@@ -140,6 +143,12 @@ def validate(config) -> None:
     if key not in allowed:
       raise ValueError(f"schedule.{key} has no effect with schedule.name={c.schedule.name!r}; it takes: "
                        f"{', '.join(allowed) or 'no parameters'}")
+  try:  # the schedule's own checks (required and ranged parameters), on a stand-in length
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in _schedule_params(c).items()}
+    optim.schedule(c.schedule.name, c.optimizer.learning_rate, steps_per_epoch=1,
+                   total_steps=c.loop.steps or 10**6, **params)
+  except ValueError as e:
+    raise ValueError(f"schedule: {e}") from None
   checks.positive("loop.batch_size", c.loop.batch_size)
   if c.loop.steps < 0 or (c.loop.steps == 0 and not c.loop.epochs > 0):
     raise ValueError(f"the run needs loop.steps > 0 or loop.epochs > 0; got steps={c.loop.steps}, "
@@ -195,8 +204,11 @@ def check_workdir(workdir: str, config, *, overwrite: bool = False, extend_sched
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return "new"
-  if overwrite:
-    shutil.rmtree(workdir)
+  if overwrite:  # everything but the lock the caller may hold
+    for name in os.listdir(workdir):
+      if name != ".lock":
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     return "new"
   try:
     old = flat(config_lib.load(path, binary))
@@ -212,7 +224,14 @@ def check_workdir(workdir: str, config, *, overwrite: bool = False, extend_sched
     raise ValueError(f"--workdir {workdir} holds a run with a different config ({changes}); pass --overwrite "
                      "to discard it, or use another --workdir")
   if length:
-    if config.schedule.name in _LENGTH_DEPENDENT_SCHEDULES and not extend_schedule:
+    shorter = (old["loop.steps"] and new["loop.steps"] and new["loop.steps"] < old["loop.steps"]) or (
+        not old["loop.steps"] and not new["loop.steps"] and new["loop.epochs"] < old["loop.epochs"])
+    mixed = bool(old["loop.steps"]) != bool(new["loop.steps"])
+    if shorter or mixed:
+      changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in length)
+      raise ValueError(f"--workdir {workdir}: {changes} does not extend the run (only a longer run of the same "
+                       "kind does); use another --workdir, or --overwrite")
+    if _length_dependent(config) and not extend_schedule:
       raise ValueError(f"--workdir {workdir}: changing {', '.join(length)} changes schedule "
                        f"{config.schedule.name!r}, which depends on the run's length; pass --extend_schedule to "
                        "continue with the schedule of the new length from the current step, or use another "
@@ -250,7 +269,7 @@ def _load_dataset(config) -> data.Dataset:
 
 
 def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = None, log=print,
-                       extend_schedule: bool = False, should_stop=lambda: None) -> dict:
+                       should_stop=lambda: None) -> dict:
   """Trains as `config` says, evaluates on the test split and returns (and writes) results.json's dict.
 
   `dataset` may be passed in by callers that load once and train several runs. `should_stop()` returns a reason
@@ -316,6 +335,8 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.loop.keep_checkpoints)
   if is_main:
     common.write_json(os.path.join(workdir, "config.json"), config_lib.to_json_dict(config, BINARY))
+    if os.path.exists(os.path.join(workdir, "results.json")):  # an extension: the old results no longer hold
+      os.remove(os.path.join(workdir, "results.json"))
   loop_config = loop.LoopConfig(total_steps, log_every=config.loop.log_every,
                                 eval_every=config.loop.eval_every or steps_per_epoch,
                                 checkpoint_every=config.loop.checkpoint_every, patience=config.loop.patience)

@@ -131,7 +131,7 @@ def test_bad_magic_names_file_and_magic(tmp_path):
   path = _corrupt(tmp_path, "train-images-idx3-ubyte", gzip.compress(b"\x12\x34\x56\x78" + bytes(100)))
   with pytest.raises(ValueError, match="not an IDX file: magic bytes '12345678'") as e:
     data.load("mnist", data_dir=tmp_path, validation_size=0)
-  assert str(path) in str(e.value) and "--data_dir" in str(e.value)
+  assert str(path) in str(e.value) and "--config.data.data_dir" in str(e.value)
 
 
 def test_labels_file_in_place_of_images_is_rejected(tmp_path):

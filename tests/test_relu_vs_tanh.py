@@ -77,7 +77,7 @@ def test_end_to_end_then_rerun_reuses_every_run(tmp_path):
   assert results["data"].startswith("CIFAR-10 (JPEG q75 proxy)") and results["steps_per_epoch"] == 6
   assert results["verdict"] in out
 
-  # The chosen rate is the one with the lowest training error after --sweep_epochs (sweep.csv).
+  # The chosen rate is the one with the lowest training error after study.sweep_epochs (sweep.csv).
   with open(workdir / "sweep.csv") as f:
     sweep = list(csv.DictReader(f))
   for act in ("relu", "tanh"):

@@ -132,7 +132,6 @@ def test_config_json_of_another_binary_is_refused(tmp_path):
     (["--config.loss.hinge_delta=2.0"], "loss.hinge_delta=2.0 has no effect: loss.name is 'cross_entropy'"),
     (["--config.schedule.step_size=5"], "schedule.step_size has no effect with schedule.name='warmup_cosine'"),
     (["--config.loop.steps=0", "--config.loop.epochs=-1"], "the run needs loop.steps > 0 or loop.epochs > 0"),
-    (["--config.loop.epochs=2"], "loop.epochs=2.0 has no effect: loop.steps is set"),
     (["--config.optimizer.name=adam"], "optimizer.momentum"),  # momentum 0.9 is the schema default: fine
 ])
 def test_trainer_refuses_bad_config_in_one_line_and_writes_nothing(tmp_path, args, message):
@@ -212,10 +211,12 @@ def test_finished_run_can_be_extended_and_rerun_changes_nothing(tmp_path):
   assert rc == 0, out
   rc, out = _run(tmp_path / "short", "--config.loop.steps=30", *constant)
   assert rc == 0, out
-  before = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "short" / "**"), recursive=True)}
+  files = lambda: {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "short" / "**"), recursive=True)
+                   if os.path.isfile(p)}
+  before = files()
   rc, out = _run(tmp_path / "short", "--config.loop.steps=30", *constant)
   assert rc == 0 and "holds a finished run with this config; nothing to do" in out and "test accuracy" in out
-  assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "short" / "**"), recursive=True)} == before
+  assert files() == before
 
   rc, out = _run(tmp_path / "short", "--config.loop.steps=60", *constant)  # extend 30 -> 60
   assert rc == 0 and "resumed from step 30" in out, out
@@ -224,6 +225,7 @@ def test_finished_run_can_be_extended_and_rerun_changes_nothing(tmp_path):
     np.testing.assert_array_equal(x, y)
   train = lambda w: [r for r in _records(w) if r["split"] == "train"]
   assert train(tmp_path / "short") == train(tmp_path / "long")
+  assert [r["step"] for r in _records(tmp_path / "short") if r["split"] == "test"] == [60]  # step 30's went
 
 
 def test_extending_a_length_dependent_schedule_needs_extend_schedule(tmp_path):
@@ -255,7 +257,33 @@ def test_a_study_repeats_from_its_own_config_json(tmp_path):
                           f"--workdir={tmp_path / 'b'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0, again.stderr
   a, b = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("a", "b"))
-  assert a["cases"] == b["cases"] and a["config"] == b["config"]
+  assert a["layers"] == b["layers"] and a["config"] == b["config"]
   other = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={tmp_path / 'a'}",
                           f"--workdir={tmp_path / 'c'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert other.returncode != 0 and "written by the activation_stats binary, not train" in other.stderr
+
+
+def test_shorter_run_is_not_an_extension_and_extension_interrupted_is_not_finished(tmp_path):
+  constant = ["--config.schedule.name=constant"]
+  rc, out = _run(tmp_path, "--config.loop.steps=30", *constant)
+  assert rc == 0, out
+  rc, out = _run(tmp_path, "--config.loop.steps=20", *constant)
+  assert rc != 0 and "does not extend the run" in out
+  # an extension starts: the old results go, so a later re-run cannot mistake it for finished
+  proc = _trainer(tmp_path, "--config.loop.steps=100000", *constant)
+  deadline = time.time() + 240
+  while time.time() < deadline and (tmp_path / "results.json").exists():
+    time.sleep(0.05)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, out
+  assert not (tmp_path / "results.json").exists()
+  assert train_lib.check_workdir(str(tmp_path), config_lib.load(str(tmp_path), "train")) == "resume"
+
+
+def test_missing_schedule_parameter_is_refused_before_data(tmp_path):
+  rc, out = _run(tmp_path / "w", "--config.loop.steps=5", "--config.schedule.name=step",
+                 "--config.data.dataset=cifar10")  # cifar10 is absent here: refused before looking for it
+  assert rc != 0 and "schedule: schedule 'step' needs params ['step_size']" in out, out
+  assert not (tmp_path / "w").exists()

@@ -11,6 +11,7 @@ import pytest
 
 from dlcore import models, stats
 from experiments import activation_stats
+from experiments.configs import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NP_ACT = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
@@ -149,3 +150,132 @@ def test_binary_end_to_end(tmp_path):
   bad = subprocess.run(cmd[:3] + ["--config.study.compare=False", "--config.model.activation=nope",
                                   f"--workdir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and "relu" in bad.stderr and not (tmp_path / "bad").exists()
+  assert "gradients.png" in out
+  assert (tmp_path / "gradients.png").stat().st_size > 0
+
+
+# --- plots ---------------------------------------------------------------------------------------------------
+
+
+LECTURE_CASES = [activation_stats.Case.parse(c).label for c in schema.activation_stats().study.cases]
+
+
+def fake_results(depth=10, grads=True):
+  """The lecture's eight case labels with per-layer records whose stds span ten orders of magnitude."""
+  results = []
+  for c, label in enumerate(LECTURE_CASES):
+    layers = [{"mean": 0.05 * c, "std": 0.21 * (0.2 if c == 0 else 0.9) ** i} for i in range(depth)]
+    if grads:
+      for i, layer in enumerate(layers):
+        layer.update(grad_std=0.1 ** (depth - 1 - i) if c == 0 else 1.0, weight_grad_std=0.02 * (c + 1))
+    results.append({"case": label, "layers": layers})
+  results[3]["layers"][-1]["std"] = 0.0  # a dead layer: left off the log axis, not clipped onto it
+  return results
+
+
+def panels(fig):
+  return [ax for ax in fig.axes if ax.axison]
+
+
+def test_histograms_share_one_x_range_and_bins_so_the_tanh_collapse_shows():
+  x = jax.random.normal(jax.random.key(0), (200, 40))
+  result = activation_stats.run_case(activation_stats.Case("tanh", "normal", 0.01), x, (40,) * 4, 1, False)
+  fig = activation_stats.histogram_figure(result, bins=20)
+  axes = panels(fig)
+  assert len(axes) == 4
+  lo, hi = axes[0].get_xlim()
+  assert lo <= -1 and hi >= 1 and hi - lo < 2.5
+  edges = [[round(p.get_x(), 9) for p in ax.patches] for ax in axes]
+  counts = [np.array([p.get_height() for p in ax.patches]) for ax in axes]
+  for i, ax in enumerate(axes):
+    assert ax.get_xlim() == (lo, hi) and axes[0].get_shared_x_axes().joined(axes[0], ax)
+    assert edges[i] == edges[0] and len(edges[i]) == 20
+    assert ax.get_yscale() == "log"
+    assert ax.get_title().startswith(f"layer {i + 1}: std ")
+    assert min(t.get_fontsize() for t in ax.get_xticklabels() + ax.get_yticklabels()) >= 8
+  # std 0.05 -> 0.003 -> ...: layer 1 spreads over several shared bins, the deeper layers sit in the central two.
+  assert np.count_nonzero(counts[0]) > 3 and all(np.count_nonzero(c) <= 2 for c in counts[1:])
+  assert fig.get_supxlabel() == "post-activation value" and "count" in fig.get_supylabel()
+  activation_stats.common.plt.close(fig)
+
+
+def test_relu_histograms_span_the_largest_value_over_layers():
+  x = jax.random.normal(jax.random.key(0), (200, 40))
+  result = activation_stats.run_case(activation_stats.Case("relu", "he_normal"), x, (40,) * 3, 1, False)
+  top = max(float(p.max()) for p in result["_post"])
+  assert activation_stats.histogram_range(result["_post"], "relu") == (0.0, top)
+  assert activation_stats.histogram_range([np.zeros(5)], "relu") == (0.0, 1.0)
+  assert activation_stats.histogram_range([np.full(5, 0.5)], "sigmoid") == (0.0, 1.0)
+  fig = activation_stats.histogram_figure(result, bins=10)
+  for ax in panels(fig):
+    lo, hi = ax.get_xlim()
+    assert lo <= 0 < top <= hi < 1.1 * top
+  activation_stats.common.plt.close(fig)
+
+
+def test_histogram_panels_above_an_empty_slot_keep_their_x_tick_labels():
+  posts = [np.random.default_rng(i).standard_normal((30, 8)) for i in range(7)]
+  fig = activation_stats.histogram_figure({"case": "elu x", "nonlinearity": "elu", "_post": posts}, bins=10)
+  fig.canvas.draw()
+  labelled = [any(t.get_visible() and t.get_text() for t in ax.get_xticklabels()) for ax in panels(fig)]
+  assert labelled == [False, False, True, True, True, True, True]  # 2 x 5 grid: layers 3-5 have no panel below
+  activation_stats.common.plt.close(fig)
+
+
+def legend_clear_of_axes(fig):
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  (legend,) = fig.legends
+  box = legend.get_window_extent(renderer)
+  return [t.get_text() for t in legend.get_texts()], all(
+      ax.get_legend() is None and not box.overlaps(ax.get_tightbbox(renderer)) for ax in fig.axes)
+
+
+def test_mean_std_has_a_log_std_axis_labels_and_a_legend_off_the_lines():
+  fig = activation_stats.mean_std_figure(fake_results())
+  ax_mean, ax_std = fig.axes
+  assert ax_mean.get_yscale() == "linear" and ax_std.get_yscale() == "log"
+  for ax in (ax_mean, ax_std):
+    assert ax.get_xlabel() == "hidden layer index" and ax.get_ylabel()
+    assert list(ax.get_xticks()) == list(range(1, 11))
+  assert "std" in ax_std.get_ylabel() and "mean" in ax_mean.get_ylabel()
+  assert 0 < ax_std.get_ylim()[0] < 0.21 * 0.2 ** 9  # the deepest tanh 0.01 std is on the axis
+  assert np.isnan(ax_std.lines[3].get_ydata()[-1])  # the dead layer's std 0
+  labels, clear = legend_clear_of_axes(fig)
+  assert labels == LECTURE_CASES and clear
+  activation_stats.common.plt.close(fig)
+
+
+def test_gradients_figure_plots_both_gradient_stds_on_log_axes():
+  assert activation_stats.gradients_figure(fake_results(grads=False)) is None
+  fig = activation_stats.gradients_figure(fake_results())
+  ax_act, ax_weight = fig.axes
+  for ax, key in ((ax_act, "grad_std"), (ax_weight, "weight_grad_std")):
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "hidden layer index" and ax.get_ylabel()
+    assert len(ax.lines) == 8
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [r[key] for r in fake_results()[0]["layers"]])
+  labels, clear = legend_clear_of_axes(fig)
+  assert labels == LECTURE_CASES and clear
+  activation_stats.common.plt.close(fig)
+
+
+def test_gradients_png_written_only_when_grads_are_computed(tmp_path):
+  x = jax.random.normal(jax.random.key(0), (50, 10))
+  case = activation_stats.Case("tanh", "lecun_normal")
+  without = [activation_stats.run_case(case, x, (10, 10), 1, grads=False)]
+  assert not activation_stats.plot_gradients(without, str(tmp_path / "a.png"))
+  assert not (tmp_path / "a.png").exists()
+  with_grads = [activation_stats.run_case(case, x, (10, 10), 1, grads=True)]
+  assert activation_stats.plot_gradients(with_grads, str(tmp_path / "b.png"))
+  assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_a_std_axis_within_one_decade_is_labelled_in_plain_numbers():
+  results = [{"case": "relu he_normal", "layers": [{"mean": 0.6, "std": s} for s in (0.82, 0.86, 0.9, 0.98)]}]
+  fig = activation_stats.mean_std_figure(results)
+  fig.canvas.draw()
+  ax_std = fig.axes[1]
+  labels = [t.get_text() for t in ax_std.get_yticklabels(minor=True) if t.get_text()]
+  assert len(labels) >= 3 and all(0.7 < float(t) < 1.1 for t in labels)  # '0.9', not '$9 \times 10^{-1}$'
+  assert min(t.get_fontsize() for t in ax_std.get_yticklabels(minor=True)) >= 8
+  activation_stats.common.plt.close(fig)

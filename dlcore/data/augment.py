@@ -5,7 +5,7 @@ dtype, and does not clip: images may already be preprocessed (centred, whitened)
 well-defined on any real values. Photometric jitter is linear, so on mean-subtracted inputs it acts around the
 mean. Settings are Python numbers, checked on the host; each op runs a jitted kernel that takes them as traced
 values (crop's pad and padding are static), so eager calls compile once per shape and calls inside a jitted
-train step inline. `make('flip,crop')` composes ops by name for the `--augment` flag, splitting the key once per
+train step inline. `make('flip,crop')` composes ops by name for the config key `data.augment`, splitting the key once per
 op.
 
   flip        horizontal flip with probability p (0.5)

@@ -109,8 +109,8 @@ class _Spec:
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
               "t10k-labels-idx1-ubyte")
 _FOLDERS_HOW = "or image folders train/<class>/*.png|jpg and test/<class>/*"
-_IDX_HOW = ("pass --data_dir with the IDX files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-            "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not) " + _FOLDERS_HOW)
+_IDX_HOW = ("pass data_dir (binaries: --config.data.data_dir) with the IDX files train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not) " + _FOLDERS_HOW)
 
 _SPECS = {
     "mnist": _Spec((28, 28, 1), tuple(str(i) for i in range(10)), "mnist", 5000,
@@ -125,8 +125,8 @@ _SPECS = {
         (32, 32, 3),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         "cifar10", 5000,
-        how_to_get=("pass --data_dir with cifar-10-batches-py/ (data_batch_1..5, test_batch) or "
-                    "cifar-10-python.tar.gz, or cifar-10-batches-bin/ or cifar-10-binary.tar.gz, "
+        how_to_get=("pass data_dir (binaries: --config.data.data_dir) with cifar-10-batches-py/ (data_batch_1..5, "
+                    "test_batch) or cifar-10-python.tar.gz, or cifar-10-batches-bin/ or cifar-10-binary.tar.gz, "
                     f"{_FOLDERS_HOW} (e.g. the extracted CIFAR-10 JPEG q75 proxy, lossy); "
                     "or have internet (or prepared array_record data) for TFDS 'cifar10'")),
 }

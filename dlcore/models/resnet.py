@@ -38,8 +38,11 @@ class BasicBlock(nn.Module):
       if self.shortcut == "projection":
         x = layers.Conv(self.features, 1, strides=s, activation="identity", **self.unit, name="shortcut")(x, train)
       else:
-        x = x[:, ::self.strides, ::self.strides, :]
         extra = self.features - x.shape[-1]
+        if extra < 0:
+          raise ValueError(f"shortcut 'zero_pad' cannot reduce {x.shape[-1]} channels to {self.features}; use "
+                           "'projection'")
+        x = x[:, ::self.strides, ::self.strides, :]
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
     return layers.record(self, x + y, activations.get(self.activation)(x + y))
 
