@@ -82,31 +82,31 @@ def _latest_data_file(workdir, step):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty_manifest"])
-def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes_exactly(tmp_path, damage):
-  args = ["--config.loop.steps=60", "--config.loop.eval_every=20", "--config.loop.keep_checkpoints=5"]
-  rc, out = _run(tmp_path / "reference", *args)
+def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes_exactly(tmp_path):
+  """The three newest checkpoints damaged three ways (bytes flipped in a data file, a truncated data file, an
+  emptied manifest): each is moved aside in one line, and the run resumes from the newest good one."""
+  args = ["--config.loop.eval_every=10", "--config.loop.keep_checkpoints=10"]
+  rc, out = _run(tmp_path / "reference", "--config.loop.steps=70", *args)
   assert rc == 0, out
   work = tmp_path / "damaged"
-  rc, out = _run(work, "--config.loop.steps=40", "--config.loop.eval_every=20", "--config.loop.keep_checkpoints=5")
+  rc, out = _run(work, "--config.loop.steps=60", *args)
   assert rc == 0, out
-  if damage == "flip":
-    path = _latest_data_file(work, 40)
-    raw = bytearray(open(path, "rb").read())
-    for i in range(len(raw) // 3, len(raw) // 3 + 64):
-      raw[i] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
-  elif damage == "truncate":
-    path = _latest_data_file(work, 40)
-    os.truncate(path, os.path.getsize(path) // 2)
-  else:
-    open(work / "checkpoints" / "40" / "state" / "manifest.ocdbt", "w").close()
-  rc, out = _run(work, *args)  # extends 40 -> 60 (constant schedule), resuming from a verified checkpoint
+  path = _latest_data_file(work, 60)
+  raw = bytearray(open(path, "rb").read())
+  for i in range(len(raw) // 3, len(raw) // 3 + 64):
+    raw[i] ^= 0xFF
+  open(path, "wb").write(bytes(raw))
+  path = _latest_data_file(work, 50)
+  os.truncate(path, os.path.getsize(path) // 2)
+  open(work / "checkpoints" / "40" / "state" / "manifest.ocdbt", "w").close()
+
+  rc, out = _run(work, "--config.loop.steps=70", *args)  # extends 60 -> 70 (constant schedule)
   assert rc == 0, out
-  lines = [l for l in out.splitlines() if "checkpoint 40 is unreadable" in l]
-  assert len(lines) == 1 and "moved it to" in lines[0] and "Traceback" not in out, out
-  assert "resumed from step 20" in out
-  assert os.path.isdir(str(work / "checkpoints.corrupt" / "40"))  # kept, not deleted
+  for step in (60, 50, 40):
+    lines = [l for l in out.splitlines() if f"checkpoint {step} is unreadable" in l]
+    assert len(lines) == 1 and "moved it to" in lines[0], out
+    assert os.path.isdir(str(work / "checkpoints.corrupt" / str(step)))  # kept, not deleted
+  assert "resumed from step 30" in out and "Traceback" not in out, out
   a, b = _params(tmp_path / "reference"), _params(work)
   for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
     np.testing.assert_array_equal(x, y)

@@ -73,9 +73,9 @@ def test_trainer_end_to_end_writes_every_output(tmp_path):
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
 
 
-@pytest.mark.parametrize("devices", [1, 4])
-def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devices):
-  args = ["--config.loop.steps=1200", "--config.loop.eval_every=100", "--config.loop.checkpoint_every=100",
+def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devices=1):
+  # 4 devices: the SIGTERM test in test_runs.py resumes on 4 devices through the same restore path.
+  args = ["--config.loop.steps=600", "--config.loop.eval_every=100", "--config.loop.checkpoint_every=100",
           "--config.model.batchnorm=before", "--config.model.keep_prob=0.8"]
   reference = _trainer(tmp_path / "reference", *args, devices=devices)
   out, _ = reference.communicate(timeout=300)
@@ -86,7 +86,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devi
   metrics = tmp_path / "killed" / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline:
-    if metrics.exists() and any(json.loads(l)["step"] >= 350 for l in metrics.read_text().splitlines()[:-1]):
+    if metrics.exists() and any(json.loads(l)["step"] >= 250 for l in metrics.read_text().splitlines()[:-1]):
       break
     time.sleep(0.05)
   killed.send_signal(signal.SIGKILL)
@@ -98,7 +98,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path, devi
   assert resumed.returncode == 0, out
   assert "resumed from step" in out
   a, b = _final_params(tmp_path / "reference"), _final_params(tmp_path / "killed")
-  assert int(a.step) == int(b.step) == 1200
+  assert int(a.step) == int(b.step) == 600
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
                   jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
     np.testing.assert_array_equal(x, y)
