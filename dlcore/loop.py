@@ -57,7 +57,6 @@ class LoopResult:
   stopped_by: str | None = None  # the should_stop() reason that ended the run early, e.g. 'SIGTERM'
 
 
-
 def _due(step: int, every: int, final: bool) -> bool:
   return final or (every > 0 and step % every == 0)
 
@@ -130,13 +129,12 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   dlcore.summaries.MetricWriter, whose records past the starting step are dropped first (so a restarted run
   logs each step once); put_batch places a host batch on the devices (dlcore.parallel); on_step(step, state)
   runs on the host after every step (e.g. collecting snapshot-ensemble members); should_stop() is asked after
-  every step (with several processes only at log steps, where they agree; so keep log_every small enough
-  for a scheduler's warning) and a reason it returns (e.g. 'SIGTERM') ends
-  the run after checkpointing that step (`LoopResult.stopped_by`). Train metrics are means over each log
-  window; the open window is checkpointed too, so a resumed run logs exactly what an uninterrupted one would.
-  images/s counts training time only. The loop draws one batch ahead of the step it runs, so a generator it
-  stops early on has given one batch more than was trained on. Raises FloatingPointError on a non-finite loss, naming the step; the last
-  good checkpoint is kept.
+  every step (with several processes only at log steps, where they agree; so keep log_every small enough for a
+  scheduler's warning) and a reason it returns (e.g. 'SIGTERM') ends the run after checkpointing that step
+  (`LoopResult.stopped_by`). Train metrics are means over each log window; the open window is checkpointed too,
+  so a resumed run logs exactly what an uninterrupted one would. images/s counts training time only. The loop
+  draws one batch ahead of the step it runs, so a generator it stops early on has given one batch more than was
+  trained on. Raises FloatingPointError on a non-finite loss, naming the step; the last good checkpoint is kept.
   """
   if config.patience and checkpointer is None:
     raise ValueError("patience > 0 (early stopping) needs a checkpointer to restore the best state from")

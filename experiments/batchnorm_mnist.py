@@ -49,16 +49,6 @@ KEYS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "download": "dat
         "num_devices": "parallel.num_devices"}
 
 
-def study_config(config) -> dict:
-  """The study's flat config (KEYS) from its ConfigDict."""
-  def get(path):
-    node = config
-    for part in path.split("."):
-      node = node[part]
-    return node
-  return {name: get(path) for name, path in KEYS.items()}
-
-
 def validate(config: dict) -> None:
   """Config checks that name the key (as in configs/schema.py) and the allowed values."""
   checks.one_of(KEYS["dataset"], config["dataset"], DATASETS)
@@ -279,7 +269,7 @@ def plot(nets: dict, title: str, unit: int, path: str, bn_stats: str = "batch") 
 def main(argv):
   del argv
   common.quiet_logs()
-  config = study_config(CONFIG.value)
+  config = config_lib.select(CONFIG.value, KEYS)
   try:
     validate(config)
   except ValueError as e:

@@ -21,13 +21,31 @@ from ml_collections.config_flags import config_flags as config_flags_impl
 from . import configs
 from .configs import schema
 
-__all__ = ["CONFIG_DIR", "ConfigError", "define_config_flag", "load", "to_json_dict"]
+__all__ = ["CONFIG_DIR", "ConfigError", "define_config_flag", "flat", "load", "select", "to_json_dict"]
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(configs.__file__))
 
 
 class ConfigError(ValueError):
   """A config that cannot be used; the message is one line naming the file and the key."""
+
+
+def flat(config) -> dict:
+  """{'group.key': value} of a (nested) ConfigDict or dict, tuples kept."""
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+    else:
+      out[key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def select(config, keys: dict[str, str]) -> dict:
+  """{name: value of config key path} for a study's own names of its config keys ({'steps': 'loop.steps'})."""
+  values = flat(config)
+  return {name: values[path] for name, path in keys.items()}
 
 
 def _merge(base: ml_collections.ConfigDict, values: dict, source: str, prefix: str = "") -> None:

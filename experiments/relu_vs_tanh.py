@@ -21,8 +21,8 @@ at the target) and lr_sweep.png; and runs/<activation>_seed<s>_lr<lr>/ per run, 
 curve.json, metrics.jsonl, tensorboard/ and checkpoints/ (saved at every epoch end). Running the command again
 skips finished runs and resumes unfinished ones from their last epoch; the runs do not depend on
 study.max_epochs, study.target_error, study.lr_grid or study.seeds, so changing those reuses every compatible run
-(a longer study.max_epochs continues the old runs). A run that differs in anything that changes its computation is refused unless
---overwrite (which discards every run in --workdir).
+(a longer study.max_epochs continues the old runs). A run that differs in anything that changes its computation
+is refused unless --overwrite (which discards every run in --workdir).
 
 results.json: `speedup` is the mean over seeds of (epochs to target of the second activation) / (epochs to
 target of the first), seed i paired with seed i, and `speedup_std` its std over seeds (ddof=1). `speedup_kind`
@@ -76,7 +76,22 @@ def _floats(flag: str, items) -> list[float]:
 
 
 # The study's own names for its config keys (configs/schema.py).
-KEYS = {'activations': 'study.activations', 'init': 'model.init', 'lr_grid': 'study.lr_grid', 'sweep_epochs': 'study.sweep_epochs', 'target_error': 'study.target_error', 'dataset': 'data.dataset', 'data_dir': 'data.data_dir', 'subset': 'data.subset', 'preprocess': 'data.preprocess', 'max_epochs': 'study.max_epochs', 'batch': 'loop.batch_size', 'optimizer': 'optimizer.name', 'momentum': 'optimizer.momentum', 'stop_at_target': 'study.stop_at_target'}
+KEYS = {
+    "activations": "study.activations",
+    "init": "model.init",
+    "lr_grid": "study.lr_grid",
+    "sweep_epochs": "study.sweep_epochs",
+    "target_error": "study.target_error",
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "subset": "data.subset",
+    "preprocess": "data.preprocess",
+    "max_epochs": "study.max_epochs",
+    "batch": "loop.batch_size",
+    "optimizer": "optimizer.name",
+    "momentum": "optimizer.momentum",
+    "stop_at_target": "study.stop_at_target",
+}
 
 
 def validate(study: dict) -> dict:
@@ -110,7 +125,8 @@ def validate(study: dict) -> dict:
   if study["subset"] and study["batch"] > study["subset"]:
     raise ValueError(f"loop.batch_size {study['batch']} is larger than data.subset {study['subset']}")
   if study["dataset"] == "synthetic" and study["data_dir"] is not None:
-    raise ValueError(f"data.data_dir must be unset for data.dataset=synthetic (it is generated), got {study['data_dir']!r}")
+    raise ValueError(f"data.data_dir must be unset for data.dataset=synthetic (it is generated), got "
+                     f"{study['data_dir']!r}")
   return study
 
 
@@ -118,10 +134,7 @@ def study_from_config(config) -> dict:
   """The study's flat settings (KEYS, plus the list of seeds) from its ConfigDict, validated."""
   checks.positive("study.seeds", config.study.seeds)
   checks.non_negative("seed", config.seed)
-  study = {}
-  for name, path in KEYS.items():
-    group, key = path.split(".")
-    study[name] = config[group][key]
+  study = config_lib.select(config, KEYS)
   study["activations"], study["lr_grid"] = list(study["activations"]), list(study["lr_grid"])
   study["seeds"] = list(range(config.seed, config.seed + config.study.seeds))
   return validate(study)
@@ -213,7 +226,7 @@ def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, bat
   ahead-of-time compiled steps serve every seed, and keeps compile time out of the timings.
   """
   data_only = ("seed", "data.dataset", "data.data_dir", "data.subset", "data.preprocess")  # values, not code
-  key = (json.dumps({k: v for k, v in train_lib.flat(config).items() if k not in data_only}, sort_keys=True),
+  key = (json.dumps({k: v for k, v in config_lib.flat(config).items() if k not in data_only}, sort_keys=True),
          dataset.image_shape,
          dataset.num_classes, mesh.size)
   if key not in cache:

@@ -20,13 +20,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from dlcore import (activations, checkpoint, checks, data, ensemble, initializers, loop, losses, models, optim, parallel,
-                    state as state_lib, summaries, train)
+from dlcore import (activations, checkpoint, checks, data, ensemble, initializers, loop, losses, models, optim,
+                    parallel, state as state_lib, summaries, train)
 from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "flat", "plan_steps", "train_and_evaluate", "validate"]
+           "check_workdir", "plan_steps", "train_and_evaluate", "validate"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
@@ -53,20 +53,8 @@ class Interrupted(Exception):
     self.signal_name, self.step = signal_name, step
 
 
-def flat(config) -> dict:
-  """{'group.key': value} of a (nested) ConfigDict or dict, tuples kept."""
-  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  out = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      out.update({f"{key}.{k}": v for k, v in flat(value).items()})
-    else:
-      out[key] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
 def _changed(config, key: str) -> bool:
-  return flat(config)[key] != flat(schema.train())[key]
+  return config_lib.flat(config)[key] != config_lib.flat(schema.train())[key]
 
 
 def build_model(config, num_classes: int):
@@ -134,7 +122,7 @@ def validate(config) -> None:
                                 "schedule.name='sgdr'")}
   for key, (is_idle, reason) in idle.items():
     if is_idle and _changed(c, key):
-      raise ValueError(f"{key}={flat(c)[key]!r} has no effect: {reason}")
+      raise ValueError(f"{key}={config_lib.flat(c)[key]!r} has no effect: {reason}")
   optim.optimizer(c.optimizer.name, c.optimizer.learning_rate, momentum=c.optimizer.momentum,
                   weight_decay=c.optimizer.weight_decay, weight_decay_mode=c.optimizer.weight_decay_mode,
                   clip_norm=c.optimizer.clip_norm)
@@ -211,11 +199,11 @@ def check_workdir(workdir: str, config, *, overwrite: bool = False, extend_sched
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     return "new"
   try:
-    old = flat(config_lib.load(path, binary))
+    old = config_lib.flat(config_lib.load(path, binary))
   except config_lib.ConfigError as e:
     raise ValueError(f"--workdir {workdir} holds a config.json that cannot be read ({e}); pass --overwrite to "
                      "discard it, or use another --workdir") from None
-  new = flat(config)
+  new = config_lib.flat(config)
   diff = sorted(k for k in new if k not in RESUMABLE_KEYS and old[k] != new[k])
   length = [k for k in diff if k in LENGTH_KEYS]
   others = [k for k in diff if k not in LENGTH_KEYS]
@@ -330,7 +318,7 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
       if is_main:
         common.atomic_write(os.path.join(snapshot_dir, f"step_{step:08d}.npy"), _npy_bytes(probs))
 
-  hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat(config).items()}
+  hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_lib.flat(config).items()}
   writer = summaries.MetricWriter(workdir, enabled=is_main, hparams=hparams)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.loop.keep_checkpoints)
   if is_main:
@@ -399,8 +387,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _predict_other_run(other: str, config, template, batches, put_batch) -> np.ndarray:
   """Test probabilities of another run's latest checkpoint; its data and model config must match this run's."""
-  other_config = flat(config_lib.load(other, BINARY))
-  mine = flat(config)
+  other_config = config_lib.flat(config_lib.load(other, BINARY))
+  mine = config_lib.flat(config)
   keys = ("data.dataset", "data.preprocess", *(f"model.{k}" for k in MODEL_KEYS))
   diff = [k for k in keys if other_config[k] != mine[k]]
   if diff:

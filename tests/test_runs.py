@@ -83,7 +83,7 @@ def test_one_name_for_one_thing_across_binaries():
   each group's choice by name, model.name, optimizer.name, ...)."""
   where = {}
   for binary, make in schema.SCHEMAS.items():
-    for path in train_lib.flat(make()):
+    for path in config_lib.flat(make()):
       where.setdefault(path.split(".")[-1], set()).add(path)
   assert where.pop("name") == {"model.name", "loss.name", "optimizer.name", "schedule.name"}
   assert {k: v for k, v in where.items() if len(v) > 1} == {}

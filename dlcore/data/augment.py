@@ -5,8 +5,8 @@ dtype, and does not clip: images may already be preprocessed (centred, whitened)
 well-defined on any real values. Photometric jitter is linear, so on mean-subtracted inputs it acts around the
 mean. Settings are Python numbers, checked on the host; each op runs a jitted kernel that takes them as traced
 values (crop's pad and padding are static), so eager calls compile once per shape and calls inside a jitted
-train step inline. `make('flip,crop')` composes ops by name for the config key `data.augment`, splitting the key once per
-op.
+train step inline. `make('flip,crop')` composes ops by name for the config key `data.augment`, splitting the key
+once per op.
 
   flip        horizontal flip with probability p (0.5)
   crop        pad `pad` (4) pixels on each side ('zero' or 'reflect') and take a random crop of the input size

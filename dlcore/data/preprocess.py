@@ -11,8 +11,9 @@ where U, S are the eigenvectors / eigenvalues (descending) of the training covar
 (the lectures' np.linalg.svd(cov); eigh is the same for a symmetric PSD matrix). eps is in units of variance
 (pixels in [0, 1]). Its default, 1e-2, bounds the gain on near-constant pixels and low-variance directions: with
 the lectures' 1e-5, test pixels that are almost always 0 in train (Fashion-MNIST's border) are blown up by orders
-of magnitude after standardize or ZCA, at the price of a whitened std below 1. Pass epsilon=1e-5 to reproduce the lectures' pictures. PCA-whitened rows hold component k at flat
-position k, reshaped back to the input's (H, W, C) only to keep shapes static: they have no image structure left.
+of magnitude after standardize or ZCA, at the price of a whitened std below 1. Pass epsilon=1e-5 to reproduce
+the lectures' pictures. PCA-whitened rows hold component k at flat position k, reshaped back to the input's
+(H, W, C) only to keep shapes static: they have no image structure left.
 
 Two interfaces: `fit(method, train_images) -> Preprocessor` (a frozen object with `.params`, callable on any
 split), or the pair `fit_params(method, train_images) -> params` and `apply(method, params, images)`.

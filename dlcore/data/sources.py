@@ -110,7 +110,8 @@ _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images
               "t10k-labels-idx1-ubyte")
 _FOLDERS_HOW = "or image folders train/<class>/*.png|jpg and test/<class>/*"
 _IDX_HOW = ("pass data_dir (binaries: --config.data.data_dir) with the IDX files train-images-idx3-ubyte.gz, "
-            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not) " + _FOLDERS_HOW)
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not) "
+            + _FOLDERS_HOW)
 
 _SPECS = {
     "mnist": _Spec((28, 28, 1), tuple(str(i) for i in range(10)), "mnist", 5000,

@@ -15,11 +15,12 @@ class Model(nn.Module):
   """Base of dlcore's classifiers: the options below, the units they build and the classifier layer.
 
   num_classes: width of the linear classifier (logits are float32, or wider); 0 leaves the classifier out and
-  returns the flattened penultimate features (what a t-SNE of learned codes or a transfer study reads). activation, initializer and
-  init_scale: as in `dlcore.layers` (a name or a callable). batchnorm: 'none', 'before' or 'after' the
-  nonlinearity of every hidden unit, with `bn_momentum`, `bn_running_var` ('biased' or 'unbiased', see
-  `layers.BatchNorm`) and `bn_axis_name`. keep_prob (probability of keeping a unit; 1 means no dropout) and
-  dropout_mode ('inverted' or 'original'): where each model says it drops. dtype: the compute dtype.
+  returns the flattened penultimate features (what a t-SNE of learned codes or a transfer study reads).
+  activation, initializer and init_scale: as in `dlcore.layers` (a name or a callable). batchnorm: 'none',
+  'before' or 'after' the nonlinearity of every hidden unit, with `bn_momentum`, `bn_running_var` ('biased'
+  or 'unbiased', see `layers.BatchNorm`) and `bn_axis_name`. keep_prob (probability of keeping a unit; 1 means
+  no dropout) and dropout_mode ('inverted' or 'original'): where each model says it drops. dtype: the compute
+  dtype.
   """
   _: dataclasses.KW_ONLY
   num_classes: int = 10
