@@ -9,13 +9,16 @@ Training batches come from any source; what resume means depends on it:
 - an iterator with `get_state()` / `set_state(s)` (grain's `DatasetIterator` and `DataLoader` iterators): its
   state is saved in every checkpoint and set back on resume, which is equally exact;
 - any other iterable (a plain generator): training continues with whatever it yields next; the loop does not
-  fast-forward it, and says so when it resumes.
+  fast-forward it, and says so when it resumes;
+- a `dlcore.data.DeviceBatches`: the training set is on the device(s) and the loop runs up to its
+  `steps_per_call` steps per dispatch, ending every call at a log, eval or checkpoint step (and at `call_ends`),
+  so logs, evaluations, checkpoints and resume fall on the same steps as with host batches.
 Training stops at `num_steps` or when the source runs out, whichever comes first.
 """
 
 import base64
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 import dataclasses
 import math
 import time
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlcore import checks, parallel, train
+from dlcore.data.resident import DeviceBatches
 from dlcore.state import TrainState
 
 __all__ = ["LoopConfig", "LoopResult", "StopOnSignals", "evaluate", "fit", "format_eta", "predict"]
@@ -66,6 +70,7 @@ class _Batches:
 
   def __init__(self, source, step: int):
     self._source, self._step = source, step
+    self.resident = isinstance(source, DeviceBatches)
     self.seeded = hasattr(source, "batch_at")
     self._it = None if self.seeded else iter(source)
     self.stateful = not self.seeded and hasattr(self._it, "get_state") and hasattr(self._it, "set_state")
@@ -119,7 +124,7 @@ def format_eta(seconds: float) -> str:
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batches, eval_batches,
         config: LoopConfig, *, checkpointer=None, writer=None, put_batch: Callable = lambda b: b,
         eval_split: str = "val", log: Callable[[str], None] = logging.info,
-        on_step: Callable[[int, TrainState], None] | None = None,
+        on_step: Callable[[int, TrainState], None] | None = None, call_ends: Collection[int] = (),
         should_stop: Callable[[], str | None] = lambda: None) -> LoopResult:
   """Trains `state` to `config.num_steps` steps with the compiled `train_step` and `eval_step`.
 
@@ -128,8 +133,9 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
   checkpointer: a dlcore.checkpoint.Checkpointer (needed for resume and early stopping); writer: a
   dlcore.summaries.MetricWriter, whose records past the starting step are dropped first (so a restarted run
   logs each step once); put_batch places a host batch on the devices (dlcore.parallel); on_step(step, state)
-  runs on the host after every step (e.g. collecting snapshot-ensemble members); should_stop() is asked after
-  every step (with several processes only at log steps, where they agree; so keep log_every small enough for a
+  runs on the host after every step (e.g. collecting snapshot-ensemble members) -- with a DeviceBatches source,
+  after every call, so name the steps it needs in `call_ends`; should_stop() is asked after
+  every step (or call) (with several processes only at log steps, where they agree; so keep log_every small enough for a
   scheduler's warning) and a reason it returns (e.g. 'SIGTERM') ends the run after checkpointing that step
   (`LoopResult.stopped_by`). Train metrics are means over each log window; the open window is checkpointed too,
   so a resumed run logs exactly what an uninterrupted one would. images/s counts training time only. The loop
@@ -168,21 +174,31 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
     if not step:
       raise ValueError(f"train_batches yielded no batch at step {step}")
     log(f"train_batches has no batch after step {step}: nothing left to train")
+  call_ends = sorted({int(s) for s in call_ends})
   tick = time.perf_counter()
   while batch is not None:
-    placed = put_batch(batch)
-    data_position = batches.get_state()
-    state, metrics = train_step(state, placed)
-    step += 1
-    batch = batches.next() if step < last else None
+    if batches.resident:
+      calls = _call_length(step, train_batches.steps_per_call, config, last, call_ends,
+                           eval_batches is not None, checkpointer is not None)
+      state, sums = train_batches.run(train_step, state, sums, step, calls)
+      data_position, step = None, step + calls
+      batch = True if step < last else None
+      count += calls
+      window_images += calls * train_batches.batch_size
+    else:
+      placed = put_batch(batch)
+      data_position = batches.get_state()
+      state, metrics = train_step(state, placed)
+      step += 1
+      batch = batches.next() if step < last else None
+      sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
+      count += 1
+      window_images += jax.tree.leaves(placed)[0].shape[0]
     final = batch is None
     if final and step < last:
       log(f"train_batches ran out after step {step} (num_steps {last}): stopping here")
     if on_step is not None:
       on_step(step, state)
-    sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
-    count += 1
-    window_images += jax.tree.leaves(placed)[0].shape[0]
 
     if _due(step, config.log_every, final):
       means = {k: float(v) / count for k, v in sums.items()}  # waits for the step: the window's time ends here
@@ -253,6 +269,17 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_batc
     checkpointer.wait()
   return LoopResult(state=state, evals=evals, best_step=None if best is None else best["step"],
                     stopped_early=stopped_early, stopped_by=stopped_by)
+
+
+def _call_length(step: int, per_call: int, config: LoopConfig, last: int, call_ends: list[int], evaluating: bool,
+                 checkpointing: bool) -> int:
+  """Steps the next resident call runs from `step`: up to `per_call`, ending at the next step the loop must see."""
+  ends = [last] + [s for s in call_ends if s > step][:1]
+  for every, used in ((config.log_every, True), (config.eval_every, evaluating),
+                      (config.checkpoint_every, checkpointing)):
+    if used and every > 0:
+      ends.append((step // every + 1) * every)
+  return min(per_call, min(ends) - step)
 
 
 def _wait(state: TrainState) -> float:

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from dlcore import checks, data, loop, models, optim, parallel, state as state_lib, stats, summaries, train
-from . import common, config_lib
+from . import common, config_lib, train_lib
 from .configs import schema
 
 HIDDEN = (100, 100, 100)
@@ -46,7 +46,7 @@ KEYS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "download": "dat
         "batch": "loop.batch_size", "optimizer": "optimizer.name", "learning_rate": "optimizer.learning_rate",
         "momentum": "optimizer.momentum", "init_scale": "model.init_scale", "eval_every": "loop.eval_every",
         "log_every": "loop.log_every", "unit": "study.unit", "percentile_bn": "study.percentile_bn", "seed": "seed",
-        "num_devices": "parallel.num_devices"}
+        "num_devices": "parallel.num_devices", "resident": "data.resident", "steps_per_call": "loop.steps_per_call"}
 
 
 def validate(config: dict) -> None:
@@ -56,7 +56,7 @@ def validate(config: dict) -> None:
   checks.one_of(KEYS["percentile_bn"], config["percentile_bn"], BN_STATS)
   for name in ("steps", "batch", "eval_every", "learning_rate", "init_scale"):
     checks.positive(KEYS[name], config[name])
-  for name in ("log_every", "seed"):
+  for name in ("log_every", "seed", "steps_per_call"):
     checks.non_negative(KEYS[name], config[name])
   if config["num_devices"] is not None:
     checks.positive(KEYS["num_devices"], config["num_devices"])
@@ -167,7 +167,9 @@ def train_net(key: str, batchnorm: str, config: dict, dataset: data.Dataset, wor
 
   loop_config = loop.LoopConfig(config["steps"], log_every=config["log_every"], eval_every=config["eval_every"],
                                 checkpoint_every=0)
-  result = loop.fit(state, train_step, eval_step, train_batches, test_batches, loop_config, writer=writer,
+  source = train_lib.training_source(train_batches, mesh, resident=config["resident"],
+                                     steps_per_call=config["steps_per_call"], log=lambda m: log(f"[{key}] {m}"))
+  result = loop.fit(state, train_step, eval_step, source, test_batches, loop_config, writer=writer,
                     put_batch=put_batch, eval_split="test", log=lambda m: log(f"[{key}] {m}"), on_step=on_step)
   writer.close()
   evals = [{"step": 0, **initial}] + result.evals

@@ -91,6 +91,8 @@ KEYS = {
     "optimizer": "optimizer.name",
     "momentum": "optimizer.momentum",
     "stop_at_target": "study.stop_at_target",
+    "resident": "data.resident",
+    "steps_per_call": "loop.steps_per_call",
 }
 
 
@@ -114,6 +116,7 @@ def validate(study: dict) -> dict:
   for name in ("sweep_epochs", "max_epochs", "batch"):
     checks.positive(f"{KEYS[name]}", study[name])
   checks.non_negative("data.subset", study["subset"])
+  checks.non_negative("loop.steps_per_call", study["steps_per_call"])
   if not study["seeds"] or min(study["seeds"]) < 0:
     raise ValueError(f"seed must be >= 0 and study.seeds >= 1, got seeds {study['seeds']}")
   checks.in_range("study.target_error", study["target_error"], 0.0, 1.0, low_open=True, high_open=True)
@@ -148,14 +151,14 @@ def run_config(study: dict, activation: str, seed: int, lr: float):
   config = schema.train()
   config.seed = seed
   config.data.update(dataset=study["dataset"], data_dir=study["data_dir"], subset=study["subset"],
-                     preprocess=study["preprocess"], augment="", validation_size=0)
+                     preprocess=study["preprocess"], augment="", validation_size=0, resident=study["resident"])
   config.model.update(name="cifar_convnet", activation=activation, init=study["init"], init_scale=None,
                       batchnorm="none", keep_prob=1.0)  # no regularisation, as in the paper's comparison
   config.loss.update(name="cross_entropy", label_smoothing=0.0, penalty="none", penalty_strength=0.0)
   config.optimizer.update(name=study["optimizer"], learning_rate=lr, momentum=study["momentum"], weight_decay=0.0,
                           weight_decay_mode="decoupled", clip_norm=None)
   config.schedule.name = "constant"
-  config.loop.batch_size = study["batch"]
+  config.loop.update(batch_size=study["batch"], steps_per_call=study["steps_per_call"])
   return config
 
 
@@ -217,9 +220,10 @@ def finished(records: list[dict], epochs: int, stop_at_target: bool, target: flo
 
 
 def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, batches, eval_batches):
-  """(apply_fn, tx, train step, eval step) for the run's settings, compiled once for every seed.
+  """(apply_fn, tx, train step, eval step, jitted train step) for the run's settings, compiled once for every seed.
 
-  `cache` (one per study, made by `run_study`) maps model/optimiser settings and shapes to those four.
+  `cache` (one per study, made by `run_study`) maps model/optimiser settings and shapes to those five (the
+  jitted step is what the device-resident path inlines into its own program).
 
   Runs that differ only in the seed or the data build equal models and optimisers; giving their states the first
   run's `apply_fn` and `tx` objects (static fields, part of the compiled functions' signature) lets the
@@ -234,7 +238,7 @@ def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, bat
     step_fn = parallel.compile_train_step(train.make_train_step("cross_entropy"), mesh, state)
     eval_fn = parallel.compile_eval_step(train.make_eval_step("cross_entropy"), mesh)
     cache[key] = (state.apply_fn, state.tx, step_fn.lower(state, put(batches.batch_at(0))).compile(),
-                      eval_fn.lower(state, put(eval_batches.batch_at(0))).compile())
+                  eval_fn.lower(state, put(eval_batches.batch_at(0))).compile(), step_fn)
   return cache[key]
 
 
@@ -262,8 +266,13 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
   put = lambda batch: parallel.shard_batch(batch, mesh)
   start = time.perf_counter()
   state = parallel.replicate(train_lib.build_state(config, dataset, batches.batch_at(0)["image"]), mesh)
-  apply_fn, tx, step_fn, eval_fn = _compiled(compiled, config, dataset, state, mesh, batches, eval_batches)
+  apply_fn, tx, step_fn, eval_fn, jitted_step = _compiled(compiled, config, dataset, state, mesh, batches,
+                                                           eval_batches)
   state = state.replace(apply_fn=apply_fn, tx=tx)
+  source = train_lib.training_source(batches, mesh, resident=config.data.resident,
+                                     steps_per_call=config.loop.steps_per_call, log=lambda m: log(f"{label}: {m}"))
+  if source is not batches:
+    source.compile(jitted_step, state)
   compile_seconds = time.perf_counter() - start
 
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1, keep_best=False,
@@ -283,8 +292,15 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
   session_start, session_epochs = time.perf_counter(), 0
   for epoch in range(len(records) + 1, epochs + 1):
     t0 = time.perf_counter()
-    loss_sum = None
-    for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
+    loss_sum, step, end = None, (epoch - 1) * steps_per_epoch, epoch * steps_per_epoch
+    if source is not batches:  # device-resident: up to K steps per call, the same batches and sums
+      sums = None
+      while step < end:
+        calls = min(source.steps_per_call, end - step)
+        state, sums = source.run(jitted_step, state, sums, step, calls)
+        step += calls
+      loss_sum = sums["loss"]
+    for step in range(step, end):
       state, metrics = step_fn(state, put(batches.batch_at(step)))
       loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
     step_loss = float(loss_sum) / steps_per_epoch  # waits for the last step

@@ -26,12 +26,12 @@ from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "plan_steps", "train_and_evaluate", "validate"]
+           "check_workdir", "plan_steps", "train_and_evaluate", "training_source", "validate"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
-RESUMABLE_KEYS = ("data.data_dir", "data.download", "loop.log_every", "loop.keep_checkpoints",
-                  "loop.checkpoint_every", "parallel.num_devices", "ensemble.members")
+RESUMABLE_KEYS = ("data.data_dir", "data.download", "data.resident", "loop.log_every", "loop.keep_checkpoints",
+                  "loop.checkpoint_every", "loop.steps_per_call", "parallel.num_devices", "ensemble.members")
 # Keys that set the run's length: raising them extends a run (check_workdir).
 LENGTH_KEYS = ("loop.steps", "loop.epochs")
 # model.<key> -> the option's name in dlcore.models.
@@ -141,7 +141,7 @@ def validate(config) -> None:
   if c.loop.steps < 0 or (c.loop.steps == 0 and not c.loop.epochs > 0):
     raise ValueError(f"the run needs loop.steps > 0 or loop.epochs > 0; got steps={c.loop.steps}, "
                      f"epochs={c.loop.epochs}")
-  for key in ("eval_every", "log_every", "checkpoint_every", "patience"):
+  for key in ("eval_every", "log_every", "checkpoint_every", "patience", "steps_per_call"):
     checks.non_negative(f"loop.{key}", c.loop[key])
   checks.positive("loop.log_every", c.loop.log_every)
   checks.positive("loop.keep_checkpoints", c.loop.keep_checkpoints)
@@ -256,6 +256,21 @@ def _load_dataset(config) -> data.Dataset:
   return dataset
 
 
+def training_source(batches: data.TrainBatches, mesh, *, resident: bool, steps_per_call: int, log):
+  """`batches` on the device(s) (`resident` and it fits: a DeviceBatches running `steps_per_call` steps per call,
+  0: the backend's default) or on the host; logs which (the config keys data.resident, loop.steps_per_call)."""
+  if not resident:
+    log("data path: host batches (data.resident=False)")
+    return batches
+  fits, why = data.resident.fits_on_device(sum(a.nbytes for a in batches.arrays().values()), mesh)
+  if not fits:
+    log(f"data path: host batches: the training set does not fit on the device ({why})")
+    return batches
+  source = data.DeviceBatches(batches, mesh, steps_per_call=steps_per_call or None)
+  log(f"data path: device-resident ({why}), {source.steps_per_call} steps per call")
+  return source
+
+
 def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = None, log=print,
                        should_stop=lambda: None) -> dict:
   """Trains as `config` says, evaluates on the test split and returns (and writes) results.json's dict.
@@ -303,6 +318,8 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
   train_step = parallel.compile_train_step(train_step, mesh, state, bn_stats=config.parallel.bn_stats)
   eval_step = parallel.compile_eval_step(eval_step, mesh)
   put_batch = lambda batch: parallel.shard_batch(batch, mesh)
+  train_source = training_source(train_batches, mesh, resident=config.data.resident,
+                                 steps_per_call=config.loop.steps_per_call, log=log)
   log(f"model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} params | "
       f"{total_steps} steps of {batch_size} ({total_steps / steps_per_epoch:.2f} epochs) on {mesh.size} device(s)")
 
@@ -329,9 +346,10 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
                                 eval_every=config.loop.eval_every or steps_per_epoch,
                                 checkpoint_every=config.loop.checkpoint_every, patience=config.loop.patience)
   try:
-    result = loop.fit(state, train_step, eval_step, train_batches, eval_batches, loop_config, checkpointer=ckpt,
+    result = loop.fit(state, train_step, eval_step, train_source, eval_batches, loop_config, checkpointer=ckpt,
                       writer=writer, put_batch=put_batch, eval_split=dataset.eval_split_name, log=log,
-                      on_step=take_snapshot if snapshot_steps else None, should_stop=should_stop)
+                      on_step=take_snapshot if snapshot_steps else None, call_ends=snapshot_steps,
+                      should_stop=should_stop)
   except BaseException:
     writer.close()
     ckpt.close()

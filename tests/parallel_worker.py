@@ -2,6 +2,7 @@
 
   python tests/parallel_worker.py equivalence OUT   8 devices vs 1 (train, eval, dropout masks), errors
   python tests/parallel_worker.py local_bn OUT      bn_stats='local' vs 'global' vs per-shard steps, 2 devices
+  python tests/parallel_worker.py resident OUT      DeviceBatches vs host batches (global and local BN), 4 devices
   python tests/parallel_worker.py reference OUT     the 8-device single-process run of `multi` -> OUT/reference.npz
   python tests/parallel_worker.py multi OUT PORT NUM_PROCESSES PROCESS_ID
       one of NUM_PROCESSES processes on 127.0.0.1:PORT, each feeding only its slice of every global batch
@@ -167,15 +168,57 @@ def local_bn(out: str) -> None:
   _write(out, "local_bn.json", res)
 
 
+def _resident_train(state, step, batches, mesh, per_call: int):
+  """STEPS steps on device-resident data, `per_call` steps per dispatch (then the remainder)."""
+  from dlcore.data import resident
+  device_batches = resident.DeviceBatches(batches, mesh, steps_per_call=per_call)
+  sums, done = None, 0
+  while done < STEPS:
+    calls = min(per_call, STEPS - done)
+    state, sums = device_batches.run(step, state, sums, done, calls)
+    done += calls
+  return state, {k: float(v) for k, v in sums.items()}
+
+
+def resident(out: str) -> None:
+  """On 4 devices, the resident path (1 and 4 steps per call) reaches the host path's params and batch_stats,
+  bit for bit, with global and with local BatchNorm statistics; its metric sums are the host metrics' sums."""
+  import jax
+  from dlcore import parallel, train
+  from dlcore.data import pipeline
+
+  assert jax.device_count() == 4, jax.devices()
+  mesh = parallel.make_mesh()
+  put = lambda b: parallel.shard_batch(b, mesh)
+  res = {}
+  for bn_stats in parallel.BN_STATS:
+    batches = pipeline.TrainBatches(_data(), BATCH, seed=3)
+    st = parallel.replicate(_state(), mesh)
+    step = parallel.compile_train_step(train.make_train_step(), mesh, st, bn_stats=bn_stats)
+    host, total = st, {}
+    for k in range(STEPS):
+      host, metrics = step(host, put(batches.batch_at(k)))
+      total = {m: total.get(m, 0.0) + np.float32(v) for m, v in metrics.items()}
+    for per_call in (1, 4):
+      got, sums = _resident_train(parallel.replicate(_state(), mesh), step, batches, mesh, per_call)
+      res[f"{bn_stats}_{per_call}_diff"] = _max_diff(host, got)
+      res[f"{bn_stats}_{per_call}_sums_diff"] = max(abs(float(total[m]) - sums[m]) for m in total)
+      res[f"{bn_stats}_{per_call}_sharding"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(got)})
+  _write(out, "resident.json", res)
+
+
 def _multi_run(put, mesh, **proc):
   from dlcore import parallel, train
   from dlcore.data import pipeline
   st = parallel.replicate(_state(), mesh)
   batches = pipeline.TrainBatches(_data(), BATCH, seed=3, **proc)
-  state, metrics = _train(st, parallel.compile_train_step(train.make_train_step(), mesh, st), batches, put)
+  step = parallel.compile_train_step(train.make_train_step(), mesh, st)
+  resident_state, _ = _resident_train(parallel.replicate(_state(), mesh), step, batches, mesh, 2)
+  state, metrics = _train(st, step, batches, put)
   sums = _evaluate(state, parallel.compile_eval_step(train.make_eval_step(), mesh), put, **proc)
   gathered = parallel.to_host(put(pipeline.EvalBatches(_data(n=40), 16, **proc).batch_at(2)))
-  return {**_flat(state), **{f"metric/{k}": v for k, v in metrics.items()}, **{f"eval/{k}": v for k, v in sums.items()},
+  return {**_flat(state), **{f"resident/{k}": v for k, v in _flat(resident_state).items()},
+          **{f"metric/{k}": v for k, v in metrics.items()}, **{f"eval/{k}": v for k, v in sums.items()},
           **{f"gathered/{k}": v for k, v in gathered.items()}, "local_batch_size": batches.local_batch_size}
 
 
@@ -202,4 +245,5 @@ def multi(out: str, port: str, num_processes: str, process_id: str) -> None:
 
 
 if __name__ == "__main__":
-  {"equivalence": equivalence, "local_bn": local_bn, "reference": reference, "multi": multi}[sys.argv[1]](*sys.argv[2:])
+  {"equivalence": equivalence, "local_bn": local_bn, "resident": resident, "reference": reference,
+   "multi": multi}[sys.argv[1]](*sys.argv[2:])

@@ -85,12 +85,13 @@ def test_both_nets_start_from_the_same_kernels():
 def test_validate_names_the_config_key():
   config = dict(dataset="synthetic", data_dir=None, steps=10, batch=60, eval_every=5, learning_rate=0.1,
                 init_scale=1.0, log_every=0, seed=0, unit=0, optimizer="sgd", momentum=0.9, percentile_bn="batch",
-                num_devices=None)
+                num_devices=None, resident=True, steps_per_call=0)
   bm.validate(config)
   for key, value, match in [("unit", 100, "study.unit"), ("steps", 0, "loop.steps"),
                             ("eval_every", -1, "loop.eval_every"), ("init_scale", 0.0, "model.init_scale"),
                             ("data_dir", "/x", "data.data_dir"), ("momentum", 0.5, "optimizer.momentum.*no effect"),
-                            ("percentile_bn", "x", "study.percentile_bn"), ("dataset", "cifar10", "data.dataset")]:
+                            ("percentile_bn", "x", "study.percentile_bn"), ("dataset", "cifar10", "data.dataset"),
+                            ("steps_per_call", -1, "loop.steps_per_call")]:
     with pytest.raises(ValueError, match=match):
       bm.validate({**config, key: value})
 

@@ -91,6 +91,15 @@ def test_local_batchnorm_uses_per_device_statistics(tmp_path):
   assert res["local_rng_kept"]
 
 
+def test_resident_data_equals_host_batches_on_four_devices(tmp_path):
+  res = _result(tmp_path, 4, "resident")
+  for bn_stats in parallel.BN_STATS:
+    for per_call in (1, 4):
+      assert res[f"{bn_stats}_{per_call}_diff"] == 0.0  # bit for bit
+      assert res[f"{bn_stats}_{per_call}_sums_diff"] < 1e-5
+      assert res[f"{bn_stats}_{per_call}_sharding"] == ["P()"]
+
+
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   port = _free_port()
   _wait(_start(8, "reference", tmp_path),
@@ -100,9 +109,11 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     got = np.load(tmp_path / f"multi_{i}.npz")
     assert int(got["local_batch_size"]) == int(ref["local_batch_size"]) // 2
     keys = [k for k in ref.files if k != "local_batch_size"]
-    assert {k.split("/")[0] for k in keys} == {"params", "batch_stats", "metric", "eval", "gathered"}
+    assert {k.split("/")[0] for k in keys} == {"params", "batch_stats", "resident", "metric", "eval", "gathered"}
     diff = max(float(np.max(np.abs(ref[k].astype(np.float64) - got[k]))) for k in keys)
     assert diff < 1e-5, (i, diff)
+    for k in (k for k in keys if k.startswith(("params/", "batch_stats/"))):  # device-resident data, 2 per call
+      np.testing.assert_array_equal(got[f"resident/{k}"], got[k])
     assert "different states" in str(got["err_replicate"])
 
 

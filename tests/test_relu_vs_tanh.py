@@ -51,7 +51,7 @@ def _study(data_dir, **overrides):
   study = {"activations": ["relu", "tanh"], "init": "lecun_normal", "lr_grid": [0.01, 0.03], "sweep_epochs": 1,
            "target_error": 0.25, "dataset": "cifar10", "data_dir": str(data_dir), "subset": 0,
            "preprocess": "mean_image", "max_epochs": 4, "batch": 20, "optimizer": "momentum", "momentum": 0.9,
-           "seeds": [0, 1], "stop_at_target": False}
+           "seeds": [0, 1], "stop_at_target": False, "resident": True, "steps_per_call": 0}
   return {**study, **overrides}
 
 

@@ -71,6 +71,10 @@ class TrainBatches:
     self.steps_per_epoch = self.num_examples // batch_size
     self._cached_epoch, self._cached_perm = None, None
 
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The whole training data, every example (each process holds all of it and slices batches itself)."""
+    return dict(self._arrays)
+
   def permutation(self, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits the examples (the same on every process)."""
     if epoch != self._cached_epoch:

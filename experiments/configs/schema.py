@@ -15,7 +15,7 @@ __all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "relu_vs_tanh", "tr
 
 def _data() -> dict:
   return dict(dataset="fashion_mnist", data_dir=placeholder(str), download=False, validation_size=-1,
-              preprocess="none", augment="", subset=0)
+              preprocess="none", augment="", subset=0, resident=True)
 
 
 def _model() -> dict:
@@ -45,7 +45,7 @@ def _schedule() -> dict:
 
 def _loop() -> dict:
   return dict(batch_size=128, epochs=5.0, steps=0, eval_every=0, log_every=100, checkpoint_every=0,
-              keep_checkpoints=3, patience=0)
+              keep_checkpoints=3, patience=0, steps_per_call=0)
 
 
 def _parallel() -> dict:
@@ -81,10 +81,10 @@ def batchnorm_mnist() -> ml_collections.ConfigDict:
   """Ioffe & Szegedy 2015, Fig. 1: a 3x100 sigmoid MLP with and without BatchNorm."""
   return ml_collections.ConfigDict(dict(
       seed=0,
-      data=_pick(_data(), dataset="mnist", data_dir=..., download=...),
+      data=_pick(_data(), dataset="mnist", data_dir=..., download=..., resident=...),
       model=_pick(_model(), init_scale=0.01),
       optimizer=_pick(_optimizer(), name="sgd", learning_rate=0.5, momentum=...),
-      loop=_pick(_loop(), steps=50000, batch_size=60, eval_every=1000, log_every=1000),
+      loop=_pick(_loop(), steps=50000, batch_size=60, eval_every=1000, log_every=1000, steps_per_call=...),
       parallel=_pick(_parallel(), num_devices=...),
       study=dict(unit=0, percentile_bn="batch")))
 
@@ -93,10 +93,10 @@ def relu_vs_tanh() -> ml_collections.ConfigDict:
   """Krizhevsky et al. 2012, Fig. 1: epochs to a training error, per activation, at each one's best rate."""
   return ml_collections.ConfigDict(dict(
       seed=0,
-      data=_pick(_data(), dataset="cifar10", data_dir=..., subset=..., preprocess="mean_image"),
+      data=_pick(_data(), dataset="cifar10", data_dir=..., subset=..., preprocess="mean_image", resident=...),
       model=_pick(_model(), init="lecun_normal"),
       optimizer=_pick(_optimizer(), name=..., momentum=...),
-      loop=_pick(_loop(), batch_size=...),
+      loop=_pick(_loop(), batch_size=..., steps_per_call=...),
       study=dict(activations=("relu", "tanh"), lr_grid=(0.003, 0.01, 0.03, 0.1), sweep_epochs=2,
                  target_error=0.25, max_epochs=30, seeds=2, stop_at_target=False)))
 

@@ -1,0 +1,188 @@
+"""Device-resident training data: the training set placed on the device(s) once, batches gathered on device.
+
+`DeviceBatches(batches, mesh, steps_per_call=K)` wraps a `TrainBatches`: its arrays go to every device of `mesh`
+once, and `run(train_step, state, sums, step, count)` runs training steps step .. step+count-1 inside one
+compiled program (a loop over the steps), each gathering its batch from the resident arrays. The host sends
+only the batches' row indices ([count, batch] int32) per call, so per-step host work and dispatch disappear.
+
+The batch order is TrainBatches' own: epoch e's permutation comes from numpy's SeedSequence((seed, e)), drawn on
+the host once per epoch, so the resident path trains on exactly the batches of the host path and reaches the
+same parameters (tests/test_resident.py). The arrays are replicated, not split over 'data': a random batch draws
+rows from the whole set, so a split set would need a cross-device gather every step; each device instead
+gathers its own rows of the global batch, which comes out sharded along 'data' with no communication.
+
+`steps_per_call` (K): how many steps one dispatch runs. `default_steps_per_call(platform)` is the measured
+choice per backend (benchmarks/README.md). A call never crosses a step the caller must see: dlcore.loop ends calls
+at log, eval and checkpoint steps. One program serves every call length up to K (its trip count is an argument).
+"""
+
+from collections.abc import Callable
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from dlcore import checks, parallel
+from dlcore.data.pipeline import TrainBatches
+
+__all__ = ["DEFAULT_STEPS_PER_CALL", "DeviceBatches", "default_steps_per_call", "fits_on_device"]
+
+# Steps per dispatch by platform, chosen from benchmarks/results/resident_cpu.md (CPU); on GPU and TPU a
+# scanned loop is the standard way to hide per-step dispatch (not measured here: benchmarks/gpu.sh measures it).
+DEFAULT_STEPS_PER_CALL = {"cpu": 32, "gpu": 32, "tpu": 32}
+
+# Place the data only when it takes at most this share of the memory the device has free.
+_MEMORY_SHARE = 0.5
+
+
+def default_steps_per_call(platform: str) -> int:
+  """The steps per dispatch dlcore uses on `platform` ('cpu', 'gpu', 'tpu'; others: 1)."""
+  return DEFAULT_STEPS_PER_CALL.get(platform, 1)
+
+
+def _free_bytes(device) -> int | None:
+  """Memory free on `device`: the allocator's limit minus use on accelerators, available RAM on CPU."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    try:
+      return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+      return None
+  return None
+
+
+def fits_on_device(nbytes: int, mesh: Mesh) -> tuple[bool, str]:
+  """(whether `nbytes` of data may be placed on every device of `mesh`, a one-line reason)."""
+  free = [_free_bytes(d) for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  known = [f for f in free if f is not None]
+  if not known:
+    return True, f"{nbytes / 2**20:.0f} MiB per device (free memory unknown)"
+  limit = min(known) * _MEMORY_SHARE
+  verdict = nbytes <= limit
+  return verdict, (f"{nbytes / 2**20:.0f} MiB per device {'<=' if verdict else '>'} {_MEMORY_SHARE:.0%} of the "
+                   f"{min(known) / 2**20:.0f} MiB free")
+
+
+class DeviceBatches:
+  """A TrainBatches' data on the devices of `mesh`, trained on K steps per dispatch (see the module docstring).
+
+  Resume: like `batch_at`, the batch of step k is a pure function of (seed, k), so a restarted run continues on
+  exactly the batches of an uninterrupted one. `batch_at(step)` still gives the host batch (e.g. to create the
+  state from). `run` takes the step as `dlcore.parallel.compile_train_step` or `jax.jit` returns it (or plain): a
+  jitted step is inlined into the resident program, which is compiled with `parallel.compiler_options(mesh)`.
+  """
+
+  def __init__(self, batches: TrainBatches, mesh: Mesh, *, steps_per_call: int | None = None):
+    if not isinstance(batches, TrainBatches):
+      raise TypeError(f"batches must be a dlcore.data.TrainBatches, got {type(batches).__name__}")
+    if batches.batch_size % mesh.size:
+      raise ValueError(f"batch_size {batches.batch_size} (global) must be divisible by the number of devices "
+                       f"{mesh.size} in the mesh")
+    platform = mesh.devices.flat[0].platform
+    self.steps_per_call = checks.positive(
+        "steps_per_call", default_steps_per_call(platform) if steps_per_call is None else steps_per_call)
+    self.batches, self.mesh = batches, mesh
+    self.batch_size, self.steps_per_epoch = batches.batch_size, batches.steps_per_epoch
+    self._compiler_options = tuple(sorted((parallel.compiler_options(mesh) or {}).items()))
+    replicated = NamedSharding(mesh, P())
+    self._index_sharding = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+    self.arrays = {key: _put(value, replicated) for key, value in batches.arrays().items()}
+    self._executable = None
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the resident arrays on each device."""
+    return sum(int(a.nbytes) for a in self.arrays.values())
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    """This process's host batch of `step` (as TrainBatches.batch_at)."""
+    return self.batches.batch_at(step)
+
+  def indices(self, step: int, count: int) -> np.ndarray:
+    """[count, batch_size] int32: the rows of global batches step .. step+count-1."""
+    rows = []
+    for k in range(step, step + count):
+      epoch, within = divmod(k, self.steps_per_epoch)
+      rows.append(self.batches.permutation(epoch)[within * self.batch_size:(within + 1) * self.batch_size])
+    return np.stack(rows).astype(np.int32)
+
+  def run(self, train_step: Callable, state, sums: dict | None, step: int, count: int):
+    """Runs steps step .. step+count-1 -> (state, sums + their metrics, added step by step in float32).
+
+    count: 1 .. steps_per_call. sums: the open log window's metric sums (None: a new window).
+    """
+    if not 1 <= count <= self.steps_per_call:
+      raise ValueError(f"count must be in [1, steps_per_call={self.steps_per_call}], got {count}")
+    replicated = NamedSharding(self.mesh, P())
+    if sums is None:
+      sums = self._zeros(train_step, state)
+    sums = {k: v if isinstance(v, jax.Array) else _put(np.asarray(v, np.float32), replicated)
+            for k, v in sums.items()}
+    indices = np.zeros((self.steps_per_call, self.batch_size), np.int32)  # rows past `count` are not used
+    indices[:count] = self.indices(step, count)
+    placed = jax.make_array_from_callback(indices.shape, self._index_sharding, lambda index: indices[index])
+    return self.compile(train_step, state)(state, sums, self.arrays, placed, _put(np.int32(count), replicated))
+
+  def compile(self, train_step: Callable, state) -> Callable:
+    """The compiled program running up to K steps of `train_step` on states shaped like `state`.
+
+    `run` compiles on first use; call this first to keep compile time out of timed work. The executable is
+    shared by every DeviceBatches with the same step, mesh, K and shapes (e.g. the seeds of a study).
+    """
+    if self._executable is None or self._executable[0] is not train_step:
+      step_fn = getattr(train_step, "__wrapped__", train_step)  # a jitted step is inlined as its function
+      args = (state, self._zeros(train_step, state), self.arrays,
+              jax.ShapeDtypeStruct((self.steps_per_call, self.batch_size), np.int32, sharding=self._index_sharding),
+              jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(self.mesh, P())))
+      leaves, treedef = jax.tree.flatten(args)
+      key = (step_fn, self.mesh, self._compiler_options, treedef,
+             tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+      if key not in _EXECUTABLES:
+        while len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+          _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[key] = _program(step_fn, self.mesh, self._compiler_options).lower(*args).compile()
+      self._executable = (train_step, _EXECUTABLES[key])
+    return self._executable[1]
+
+  def _zeros(self, train_step: Callable, state) -> dict:
+    """Zero sums shaped like `train_step`'s metrics (the start of a log window; 0 + x is exactly x)."""
+    batch = {k: jax.ShapeDtypeStruct((self.batch_size, *v.shape[1:]), v.dtype) for k, v in self.arrays.items()}
+    shapes = jax.eval_shape(train_step, state, batch)[1]
+    return {k: _put(np.zeros(v.shape, v.dtype), NamedSharding(self.mesh, P())) for k, v in shapes.items()}
+
+
+_EXECUTABLES: dict[tuple, Callable] = {}  # compiled programs by step, mesh, options and argument shapes
+_MAX_EXECUTABLES = 16
+
+
+def _program(step_fn: Callable, mesh: Mesh, compiler_options: tuple) -> Callable:
+  """(state, sums, arrays, indices [K, B], count) -> (state, sums): `count` steps of `step_fn` in one program.
+
+  A loop with a traced trip count, so one program serves every count up to K.
+  """
+  replicated = NamedSharding(mesh, P())
+
+  def steps(state, sums, arrays, indices, count):
+    def body(i, carry):
+      st, acc = carry
+      st, metrics = step_fn(st, {k: jnp.take(v, indices[i], axis=0) for k, v in arrays.items()})
+      return st, jax.tree.map(jnp.add, acc, metrics)
+
+    return jax.lax.fori_loop(0, count, body, (state, sums))
+
+  return jax.jit(steps, in_shardings=(replicated, replicated, replicated,
+                                      NamedSharding(mesh, P(None, mesh.axis_names[0])), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0, 1),
+                 compiler_options=dict(compiler_options) or None)
+
+
+def _put(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The whole array on every device of the sharding (each process passes its own, identical copy)."""
+  value = np.asarray(value)
+  if sharding.is_fully_addressable:
+    return jax.device_put(value, sharding)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
