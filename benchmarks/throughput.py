@@ -34,7 +34,6 @@ import copy
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ from dlcore import models, optim, parallel, train  # noqa: E402
 from dlcore import state as state_lib  # noqa: E402
 from dlcore.data import augment as augment_lib  # noqa: E402
 from dlcore.data import pipeline  # noqa: E402
+from benchmarks import machine_info  # noqa: E402
 
 MODELS = ("mlp", "cifar_convnet", "resnet20")
 # XLA:CPU (jax 0.10.2) sends dots, convolutions and reductions to YNNPACK by default; dlcore.parallel keeps the
@@ -83,6 +83,8 @@ flags.DEFINE_string("xla_options", "cpu-default", "Compiler options of the 'dlco
                     f"joined by ';'. 'cpu-default': {CPU_TUNED} on CPU, no tuned runner on GPU; '': none.")
 flags.DEFINE_string("xla_flags", None, "Appended to XLA_FLAGS before the backend starts (affects every runner).")
 flags.DEFINE_bool("torch", True, "Benchmark the PyTorch twins (otherwise dlcore alone).")
+flags.DEFINE_bool("torch_compile", True, "Also time the PyTorch twin under torch.compile (inductor; needs a C++ "
+                  "compiler on CPU). A compile that fails is reported and the runner dropped.")
 flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per framework and model.")
 flags.DEFINE_integer("memory_steps", 5, "Steady-state steps per memory subprocess.")
 flags.DEFINE_bool("pipeline", True, "Benchmark the input pipeline.")
@@ -386,10 +388,26 @@ def load_dlcore_params(net, params: dict) -> None:
   net.load_state_dict(loaded, strict=False)
 
 
-class TorchRunner:
-  """A plain PyTorch training step (zero_grad, forward, cross-entropy, backward, SGD momentum 0.9)."""
+TORCH_RUNNERS = {"torch": ("nchw", False), "torch_channels_last": ("channels_last", False),
+                 "torch_compile": ("channels_last", True)}  # name -> (memory format, torch.compile)
 
-  def __init__(self, model: str, batch: dict, params: dict | None = None):
+
+def torch_runner_names(model: str) -> list[str]:
+  """The PyTorch variants run for `model`: NCHW eager always; channels_last eager for conv nets; torch.compile
+  (channels_last for conv nets) with --torch_compile."""
+  names = ["torch"] + (["torch_channels_last"] if model != "mlp" else [])
+  return names + (["torch_compile"] if FLAGS.torch_compile else [])
+
+
+class TorchRunner:
+  """A plain PyTorch training step (zero_grad, forward, cross-entropy, backward, SGD momentum 0.9).
+
+  layout 'channels_last' stores conv weights and the input NHWC in memory (PyTorch's fastest CPU layout for
+  convolutions); compile=True runs the model through `torch.compile` (forward and backward by inductor).
+  """
+
+  def __init__(self, model: str, batch: dict, params: dict | None = None, *, layout: str = "nchw",
+               compile: bool = False):  # pylint: disable=redefined-builtin
     self.torch, build = torch_models()
     torch = self.torch
     torch.manual_seed(FLAGS.seed)
@@ -400,6 +418,10 @@ class TorchRunner:
       load_dlcore_params(self.net, params)
     self.net.to(self.device).train()
     self.x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(self.device)
+    if layout == "channels_last" and model != "mlp":
+      self.net = self.net.to(memory_format=torch.channels_last)
+      self.x = self.x.contiguous(memory_format=torch.channels_last)
+    self.forward = torch.compile(self.net) if compile else self.net
     self.y = torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
     self.opt = torch.optim.SGD(self.net.parameters(), lr=FLAGS.learning_rate, momentum=0.9)
     self.loss = None
@@ -413,7 +435,7 @@ class TorchRunner:
     torch = self.torch
     self.opt.zero_grad(set_to_none=True)
     with torch.autocast(self.device, dtype=torch.bfloat16, enabled=FLAGS.dtype == "bfloat16"):
-      logits = self.net(self.x)
+      logits = self.forward(self.x)
     self.loss = torch.nn.functional.cross_entropy(logits.float(), self.y)
     self.loss.backward()
     self.opt.step()
@@ -671,8 +693,19 @@ def benchmark_model(model: str, cfg: dict) -> dict:
     if FLAGS.dtype == "float32":
       out["initial_logits_max_abs_diff"] = float(np.abs(dl.logits(batch["image"]) - tr.logits(batch["image"])).max())
     runners["torch"] = tr
-  for name, r in runners.items():
-    r.first_step()
+    for name in torch_runner_names(model)[1:]:
+      layout, compiled = TORCH_RUNNERS[name]
+      runners[name] = TorchRunner(model, batch, params=dl.initial_params, layout=layout, compile=compiled)
+  for name, r in list(runners.items()):
+    try:
+      r.first_step()
+    except Exception as e:  # pylint: disable=broad-except  (torch.compile: a missing compiler, an inductor bug)
+      if name != "torch_compile":
+        raise
+      out["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      print(f"[{model}] torch.compile failed, runner dropped: {out['torch_compile_error']}", flush=True)
+      del runners[name]
+      continue
     out[name] = dict(r.timings)
   first = ", ".join(f"{n} {r.timings.get('first_step_total_s', r.timings['first_step_s']):.2f} s" for n, r in
                     runners.items())
@@ -686,20 +719,29 @@ def benchmark_model(model: str, cfg: dict) -> dict:
     out[n]["images_per_s"] = summary(timed[n], steps[n])
     out[n]["final_loss"] = r.last_loss()
   out["ratios"] = {}
-  for a, b in (("dlcore", "torch"), ("dlcore_tuned", "torch"), ("dlcore_tuned", "dlcore")):
+  torch_names = [n for n in runners if n.startswith("torch")]
+  if torch_names:  # the headline: against the fastest PyTorch variant of this run
+    out["torch_fastest"] = max(torch_names, key=lambda n: out[n]["images_per_s"]["median"])
+  pairs = [(a, b) for a in ("dlcore", "dlcore_tuned") for b in torch_names] + [("dlcore_tuned", "dlcore")]
+  for a, b in pairs:
     if a in runners and b in runners:
       out["ratios"][f"{a}/{b}"] = ratio(timed[a], timed[b], FLAGS.quiet_cpus)
+  for a in ("dlcore", "dlcore_tuned"):
+    if torch_names and a in runners:
+      out["ratios"][f"{a}/torch_fastest"] = out["ratios"][f"{a}/{out['torch_fastest']}"]
   for n, r in runners.items():
-    if n != "torch":
+    if n.startswith("dlcore"):
       out[n]["xla_memory"] = r.memory_analysis()
   if FLAGS.flops:
     for n, r in runners.items():
-      out[n]["flops_per_step"] = r.flops()
-      out[n]["flops_source"] = "torch FlopCounterMode" if n == "torch" else "XLA cost_analysis"
+      if n in ("dlcore", "dlcore_tuned", "torch"):
+        out[n]["flops_per_step"] = r.flops()
+        out[n]["flops_source"] = "torch FlopCounterMode" if n == "torch" else "XLA cost_analysis"
   others = [v for n in runners for v in timed[n]["others"]]
   out["other_processes_cpus_median"] = statistics.median(others)
   parts = [", ".join(f"{n} {out[n]['images_per_s']['median']:.1f}" for n in runners) + " img/s"]
-  parts += [f"{k} {v['median_of_pairs']:.3f} [{v['min']:.2f}-{v['max']:.2f}]" for k, v in out["ratios"].items()]
+  parts += [f"{k} {v['median_of_pairs']:.3f} [{v['min']:.2f}-{v['max']:.2f}]" for k, v in out["ratios"].items()
+            if "fastest" not in k]
   parts.append(f"other processes used {out['other_processes_cpus_median']:.2f} CPUs")
   print(f"[{model}] " + "; ".join(parts), flush=True)
   return out
@@ -741,38 +783,7 @@ def benchmark_pipeline(model: str, cfg: dict) -> dict:
 # Report.
 
 def machine() -> dict:
-  cpu, isa = "unknown", []
-  try:
-    with open("/proc/cpuinfo") as f:
-      first_cpu = f.read().split("\n\n")[0].splitlines()
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu)}
-    cpu = fields.get("model name", cpu)
-    cpu_flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags]
-  except OSError:
-    pass
-  try:
-    with open("/proc/meminfo") as f:
-      mem_gib = int(f.readline().split()[1]) / 2 ** 20
-  except OSError:
-    mem_gib = None
-  info = {"cpu_model": cpu, "cpu_isa": isa, "logical_cpus": os.cpu_count(),
-          "usable_cpus": len(os.sched_getaffinity(0)),
-          "memory_gib": mem_gib, "platform": platform.platform(), "python": platform.python_version(),
-          "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "niceness": os.nice(0),
-          "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
-                  if k in os.environ}}
-  try:
-    with open("/proc/self/autogroup") as f:
-      info["autogroup"] = f.read().strip()
-  except OSError:
-    pass
-  for pkg in ("jaxlib", "flax", "optax", "numpy"):
-    try:
-      info[pkg] = __import__(pkg).__version__
-    except ImportError:
-      pass
+  info = machine_info.describe()
   if FLAGS.torch:
     torch, _ = torch_models()
     info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -786,8 +797,12 @@ def _fmt_ratio(r: dict | None) -> str:
 
 def markdown(result: dict) -> str:
   m, c = result["machine"], result["config"]
-  names = [n for n in ("dlcore", "dlcore_tuned", "torch") if any(n in r for r in result["models"].values())]
-  label = {"dlcore": "dlcore", "dlcore_tuned": "dlcore tuned", "torch": "PyTorch"}
+  names = [n for n in ("dlcore", "dlcore_tuned", *TORCH_RUNNERS) if any(n in r for r in result["models"].values())]
+  label = {"dlcore": "dlcore", "dlcore_tuned": "dlcore tuned", "torch": "PyTorch NCHW",
+           "torch_channels_last": "PyTorch channels_last", "torch_compile": "PyTorch compile"}
+  build = "dlcore_tuned" if "dlcore_tuned" in names else "dlcore"
+  torch_names = [n for n in names if n.startswith("torch")]
+  compile_errors = {k: r["torch_compile_error"] for k, r in result["models"].items() if "torch_compile_error" in r}
   lines = [
       f"# Training throughput: dlcore vs PyTorch ({c['device']}, {c['dtype']})", "",
       f"Machine: {m['cpu_model']} ({' '.join(m.get('cpu_isa', [])) or 'ISA unknown'}), "
@@ -800,19 +815,27 @@ def markdown(result: dict) -> str:
       f"{result['loadavg_before']} / {result['loadavg_after']}.", "",
       f"Batch {c['batch_size']}, cross-entropy, SGD momentum 0.9 (lr {c['learning_rate']}), synthetic data "
       f"resident on the device. images/s: median of {c['windows']} windows of ~{c['window_s']} s per runner; "
-      "runners alternate window by window (A B C, C B A, ...). Ratios: median over back-to-back window pairs "
-      "[min-max]." + (f" 'dlcore tuned' = the same step compiled with `{c['xla_options']}`."
-                      if c.get("xla_options") else ""), "",
+      "runners alternate window by window (A B C, C B A, ...). Ratios: median over window pairs [min-max]."
+      + (f" 'dlcore tuned' = the same step compiled with `{c['xla_options']}` (what the trainer runs)."
+         if c.get("xla_options") else "")
+      + " PyTorch runs eager in NCHW and in channels_last (conv nets; NHWC in memory, its fastest eager layout "
+      "for convolutions on CPU) and under `torch.compile` (inductor, channels_last for conv nets); the headline "
+      "ratio is against the fastest of them." + (" torch.compile failed here: " + "; ".join(
+          f"{k}: {v}" for k, v in compile_errors.items()) + "." if compile_errors else ""), "",
       "| model | params | " + " | ".join(f"{label[n]} img/s" for n in names)
-      + " | dlcore / PyTorch | tuned / PyTorch | tuned / dlcore | other processes, CPUs (median) |",
-      "|---" * (len(names) + 6) + "|"]
+      + f" | **{label[build]} / fastest PyTorch** | " + " | ".join(f"{label[build]} / {label[n]}" for n in torch_names)
+      + (" | tuned / dlcore" if build == "dlcore_tuned" else "") + " | other processes, CPUs (median) |",
+      "|---" * (len(names) + len(torch_names) + 4 + (build == "dlcore_tuned")) + "|"]
   for r in result["models"].values():
     q = r["ratios"]
+    fastest = label.get(r.get("torch_fastest"), "-")
     lines.append(f"| {r['description']} | {r['param_count']['dlcore']:,} | "
                  + " | ".join(f"{r[n]['images_per_s']['median']:.1f}" if n in r else "-" for n in names)
-                 + f" | {_fmt_ratio(q.get('dlcore/torch'))} | {_fmt_ratio(q.get('dlcore_tuned/torch'))} | "
-                 f"{_fmt_ratio(q.get('dlcore_tuned/dlcore'))} | {r['other_processes_cpus_median']:.2f} |")
-  pairs = [p for p in ("dlcore/torch", "dlcore_tuned/torch", "dlcore_tuned/dlcore")
+                 + f" | {_fmt_ratio(q.get(f'{build}/torch_fastest'))} ({fastest}) | "
+                 + " | ".join(_fmt_ratio(q.get(f"{build}/{n}")) for n in torch_names)
+                 + (f" | {_fmt_ratio(q.get('dlcore_tuned/dlcore'))}" if build == "dlcore_tuned" else "")
+                 + f" | {r['other_processes_cpus_median']:.2f} |")
+  pairs = [p for p in ("dlcore/torch", "dlcore_tuned/torch", "dlcore_tuned/dlcore", f"{build}/torch_fastest")
            if any(p in r["ratios"] for r in result["models"].values())]
   lines += ["", "CPUs this process kept busy (median over windows; PyTorch's OpenMP threads spin while waiting, so "
             "they count as busy) and ratios of images per CPU-second (median over pairs). 'Other processes' is "
@@ -912,8 +935,7 @@ def main(argv):
       raise app.UsageError("--device=gpu: torch sees no CUDA device (install a CUDA build, or pass --notorch)")
   cfg = settings()
   start = time.perf_counter()
-  with open("/proc/loadavg") as f:
-    load_before = " ".join(f.read().split()[:3])
+  load_before = machine_info.loadavg()
   options = tuned_options()
   result = {"command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
             "config": {"models": FLAGS.models, "mlp_hidden": [int(h) for h in FLAGS.mlp_hidden],
@@ -928,10 +950,11 @@ def main(argv):
   if FLAGS.flops:
     result["matmul_peak"] = peak = matmul_peak()
     for r in result["models"].values():
-      for n in ("dlcore", "dlcore_tuned", "torch"):
-        if r.get(n, {}).get("flops_per_step"):
-          key = f"{'torch' if n == 'torch' else 'jax'}_{FLAGS.dtype}_gflops"
-          r[n]["achieved_gflops"] = r[n]["flops_per_step"] * r[n]["images_per_s"]["median"] / FLAGS.batch_size / 1e9
+      for n in ("dlcore", "dlcore_tuned", *TORCH_RUNNERS):
+        flops = r.get(n, {}).get("flops_per_step") or (n in r and r.get("torch", {}).get("flops_per_step"))
+        if flops:  # the PyTorch variants run the same model: the NCHW twin's count
+          key = f"{'torch' if n.startswith('torch') else 'jax'}_{FLAGS.dtype}_gflops"
+          r[n]["achieved_gflops"] = flops * r[n]["images_per_s"]["median"] / FLAGS.batch_size / 1e9
           r[n]["fraction_of_matmul_peak"] = r[n]["achieved_gflops"] / peak[key]
   if FLAGS.pipeline:
     result["pipeline"] = {m: benchmark_pipeline(m, cfg) for m in cfg["pipeline_models"]}
@@ -948,8 +971,7 @@ def main(argv):
   result["gpu"] = (f"measured on {result['machine']['jax_devices'][0]}" if FLAGS.device == "gpu" else
                    "not measured: no GPU lent (run with --device=gpu, optionally --dtype=bfloat16)")
   result["runtime_s"] = time.perf_counter() - start
-  with open("/proc/loadavg") as f:
-    result["loadavg_after"] = " ".join(f.read().split()[:3])
+  result["loadavg_after"] = machine_info.loadavg()
   table = markdown(result)
   print(table)
   if FLAGS.out_dir:

@@ -122,10 +122,14 @@ class DeviceBatches:
       sums = self._zeros(train_step, state)
     sums = {k: v if isinstance(v, jax.Array) else _put(np.asarray(v, np.float32), replicated)
             for k, v in sums.items()}
+    return self.compile(train_step, state)(state, sums, self.arrays, self.placed_indices(step, count),
+                                           _put(np.int32(count), replicated))
+
+  def placed_indices(self, step: int, count: int) -> jax.Array:
+    """`indices(step, count)` padded to [K, batch_size] and placed on the devices (split along 'data')."""
     indices = np.zeros((self.steps_per_call, self.batch_size), np.int32)  # rows past `count` are not used
     indices[:count] = self.indices(step, count)
-    placed = jax.make_array_from_callback(indices.shape, self._index_sharding, lambda index: indices[index])
-    return self.compile(train_step, state)(state, sums, self.arrays, placed, _put(np.int32(count), replicated))
+    return jax.make_array_from_callback(indices.shape, self._index_sharding, lambda index: indices[index])
 
   def compile(self, train_step: Callable, state) -> Callable:
     """The compiled program running up to K steps of `train_step` on states shaped like `state`.
