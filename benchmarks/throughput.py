@@ -70,6 +70,8 @@ flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9).")
 flags.DEFINE_integer("windows", 10, "Timed windows per runner and model.")
 flags.DEFINE_float("window_s", 1.0, "Target seconds per timed window (whole steps, at least one).")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after the first one, also used to size the windows.")
+flags.DEFINE_float("settle_s", 0.5, "Idle seconds before every timed window. PyTorch's OpenMP threads keep "
+                   "spinning after its steps and, without a pause, take CPU from the next window (benchmarks/README).")
 flags.DEFINE_float("quiet_cpus", 0.25, "A window pair is 'quiet' when other processes used fewer CPUs than this "
                    "in both windows.")
 flags.DEFINE_integer("threads", None, "Intra-op threads for PyTorch (default: the CPUs this process may use, "
@@ -519,6 +521,7 @@ def alternate(runners: dict, steps: dict, windows: int, batch_size: int) -> dict
   out = {n: {"rates": [], "cpu_rates": [], "cpus": [], "others": [], "steal": []} for n in names}
   for w in range(windows):
     for n in (names if w % 2 == 0 else names[::-1]):
+      time.sleep(FLAGS.settle_s)  # lets the last runner's spinning OpenMP threads go idle first
       t = timed_window(runners[n], steps[n])
       images = steps[n] * batch_size
       out[n]["rates"].append(images / t["seconds"])

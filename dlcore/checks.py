@@ -1,12 +1,16 @@
 """Name lookup and argument validation shared by every registry and public constructor.
 
 Errors name the argument, the value given and what is allowed, so a bad flag is fixed from the message alone.
+The numeric checks pass traced values (inside jit or vmap, e.g. a population member's hyperparameter) through
+unchecked: whoever made the traced value checks its concrete values (dlcore.population does, per member).
 """
 
 from collections.abc import Mapping
 from typing import TypeVar
 
-__all__ = ["in_range", "lookup", "non_negative", "one_of", "positive"]
+import jax
+
+__all__ = ["in_range", "is_traced", "lookup", "non_negative", "one_of", "positive"]
 
 T = TypeVar("T")
 
@@ -20,16 +24,21 @@ def lookup(kind: str, table: Mapping[str, T], name: str) -> T:
   return table[key]
 
 
+def is_traced(value) -> bool:
+  """Whether `value` is an abstract value being traced by jit, vmap or grad (it has no concrete value to check)."""
+  return isinstance(value, jax.core.Tracer)
+
+
 def positive(arg: str, value: float) -> float:
   """Returns `value` if value > 0, else raises a ValueError naming `arg` and the value given (NaN fails)."""
-  if not value > 0:
+  if not is_traced(value) and not value > 0:
     raise ValueError(f"{arg} must be > 0, got {value!r}")
   return value
 
 
 def non_negative(arg: str, value: float) -> float:
   """Returns `value` if value >= 0, else raises a ValueError naming `arg` and the value given (NaN fails)."""
-  if not value >= 0:
+  if not is_traced(value) and not value >= 0:
     raise ValueError(f"{arg} must be >= 0, got {value!r}")
   return value
 
@@ -38,6 +47,8 @@ def in_range(arg: str, value: float, low: float, high: float, *, low_open: bool 
              high_open: bool = False) -> float:
   """Returns `value` if it lies in [low, high] (an end is open instead with `low_open` / `high_open`), else raises
   a ValueError naming `arg`, the interval and the value given."""
+  if is_traced(value):
+    return value
   ok_low = value > low if low_open else value >= low
   ok_high = value < high if high_open else value <= high
   if not (ok_low and ok_high):

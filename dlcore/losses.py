@@ -59,7 +59,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
   _check_labels(logits, labels)
   log_p = jax.nn.log_softmax(logits, axis=-1)
   per_example = -_label_logit(log_p, labels)
-  if label_smoothing:
+  if checks.is_traced(label_smoothing) or label_smoothing:  # traced: per member, 0 gives the plain loss
     per_example = (1.0 - label_smoothing) * per_example - label_smoothing * jnp.mean(log_p, axis=-1)
   return jnp.mean(_nan_if_invalid(per_example, labels, logits.shape[-1]))
 

@@ -139,13 +139,14 @@ def optimizer(name: str, learning_rate: LearningRate, *, momentum: float = 0.9, 
                      "use optimizer 'adam' for adam with an L2 term")
 
   hyper = dict(momentum=momentum, b1=b1, b2=b2, eps=eps, decay=decay)
+  decays = checks.is_traced(weight_decay) or weight_decay > 0  # traced (a population): decay, exactly 0 for 0
   chain = []
   if clip_norm is not None:
     chain.append(optax.clip_by_global_norm(clip_norm))
-  if weight_decay > 0 and weight_decay_mode == "l2":
+  if decays and weight_decay_mode == "l2":
     chain.append(optax.masked(optax.add_decayed_weights(weight_decay), masks.weights_mask))
   chain.append(build(learning_rate, hyper))
-  if weight_decay > 0 and weight_decay_mode == "decoupled":
+  if decays and weight_decay_mode == "decoupled":
     chain.append(optax.masked(_decoupled_weight_decay(learning_rate, weight_decay), masks.weights_mask))
   return optax.chain(*chain)
 

@@ -38,7 +38,7 @@ import optax
 from dlcore import checks
 
 __all__ = ["AXIS", "BN_STATS", "CPU_COMPILER_OPTIONS", "batch_sharding", "check_batch_size", "compile_eval_step",
-           "compile_train_step", "compiler_options", "initialize_distributed", "make_mesh", "replicate",
+           "compile_train_step", "compiler_options", "free_bytes", "initialize_distributed", "make_mesh", "replicate",
            "replicated_sharding", "shard_batch", "to_host"]
 
 AXIS = "data"
@@ -108,6 +108,22 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
                        f"{jax.process_count()} processes and must use all {len(devices)} devices")
     devices = devices[:num_devices]
   return Mesh(np.array(devices), (AXIS,))
+
+
+def free_bytes(device) -> int | None:
+  """Memory free on `device`: the allocator's limit minus its use on accelerators, the kernel's MemAvailable on
+  CPU (host RAM); None when unknown."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+      return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+      return None
+  return None
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -273,6 +273,7 @@ def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, s
                                      steps_per_call=config.loop.steps_per_call, log=lambda m: log(f"{label}: {m}"))
   if source is not batches:
     source.compile(jitted_step, state)
+    log(f"{label}: device-resident data: {source.steps_per_call} step(s) per call ({source.why})")
   compile_seconds = time.perf_counter() - start
 
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1, keep_best=False,

@@ -266,9 +266,8 @@ def training_source(batches: data.TrainBatches, mesh, *, resident: bool, steps_p
   if not fits:
     log(f"data path: host batches: the training set does not fit on the device ({why})")
     return batches
-  source = data.DeviceBatches(batches, mesh, steps_per_call=steps_per_call or None)
-  log(f"data path: device-resident ({why}), {source.steps_per_call} steps per call")
-  return source
+  log(f"data path: device-resident ({why})")
+  return data.DeviceBatches(batches, mesh, steps_per_call=steps_per_call or None)
 
 
 def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = None, log=print,

@@ -3,6 +3,7 @@
   python tests/parallel_worker.py equivalence OUT   8 devices vs 1 (train, eval, dropout masks), errors
   python tests/parallel_worker.py local_bn OUT      bn_stats='local' vs 'global' vs per-shard steps, 2 devices
   python tests/parallel_worker.py resident OUT      DeviceBatches vs host batches (global and local BN), 4 devices
+  python tests/parallel_worker.py population OUT    populations on 4 devices: members over 'pop', and 'pop' x 'data'
   python tests/parallel_worker.py reference OUT     the 8-device single-process run of `multi` -> OUT/reference.npz
   python tests/parallel_worker.py multi OUT PORT NUM_PROCESSES PROCESS_ID
       one of NUM_PROCESSES processes on 127.0.0.1:PORT, each feeding only its slice of every global batch
@@ -207,6 +208,49 @@ def resident(out: str) -> None:
   _write(out, "resident.json", res)
 
 
+def population(out: str) -> None:
+  """A population of 4 members trained with the member axis over 4 'pop' devices, and over a 2 x 2 'pop' x 'data'
+  mesh, against the same population on one device (and a member against its single run); K=3 on 2 'pop' devices
+  is refused."""
+  import jax
+  from dlcore import optim, population as pop_lib, state as state_lib, train
+  from dlcore.data import pipeline
+
+  assert jax.device_count() == 4, jax.devices()
+  data = _data()
+  batches = pipeline.TrainBatches(data, BATCH, seed=3)
+  hparams = dict(learning_rate=[0.05, 0.1, 0.2, 0.02], momentum=[0.9, 0.0, 0.5, 0.9], seed=[0, 1, 2, 3],
+                 weight_decay=[0.0, 1e-3, 0.0, 0.0])
+  step = pop_lib.make_train_step()
+  res = {}
+
+  def train_on(mesh):
+    pop = pop_lib.create(_model(), data["image"][:BATCH], **hparams)
+    if mesh is None:
+      compiled = jax.jit(step)
+    else:
+      compiled = pop_lib.compile_train_step(step, mesh, pop, batches.batch_at(0))
+    for k in range(STEPS):
+      pop, metrics = compiled(pop, batches.batch_at(k))
+    return pop, metrics
+
+  ref, _ = train_on(None)
+  for name, mesh in (("pop4", pop_lib.make_mesh(4)), ("pop2_data2", pop_lib.make_mesh(2, 2))):
+    got, metrics = train_on(mesh)
+    res[f"{name}_diff"] = max(_max_diff(pop_lib.member(ref, k), pop_lib.member(got, k)) for k in range(4))
+    res[f"{name}_sharding"] = str(jax.tree.leaves(got.state.params)[0].sharding.spec)
+    res[f"{name}_metrics_shape"] = list(metrics["loss"].shape)
+  single = state_lib.create(_model(), optim.optimizer("momentum", 0.2, momentum=0.5), data["image"][:BATCH], 2)
+  single_step = jax.jit(train.make_train_step())
+  for k in range(STEPS):
+    single, _ = single_step(single, batches.batch_at(k))
+  res["member2_vs_single"] = _max_diff(pop_lib.member(got, 2), single)
+  three = pop_lib.create(_model(), data["image"][:BATCH], seed=[0, 1, 2])
+  res["err_divisible"] = _error(lambda: pop_lib.compile_train_step(step, pop_lib.make_mesh(2), three,
+                                                                   batches.batch_at(0)))
+  _write(out, "population.json", res)
+
+
 def _multi_run(put, mesh, **proc):
   from dlcore import parallel, train
   from dlcore.data import pipeline
@@ -245,5 +289,5 @@ def multi(out: str, port: str, num_processes: str, process_id: str) -> None:
 
 
 if __name__ == "__main__":
-  {"equivalence": equivalence, "local_bn": local_bn, "resident": resident, "reference": reference,
-   "multi": multi}[sys.argv[1]](*sys.argv[2:])
+  {"equivalence": equivalence, "local_bn": local_bn, "resident": resident, "population": population,
+   "reference": reference, "multi": multi}[sys.argv[1]](*sys.argv[2:])

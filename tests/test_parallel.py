@@ -100,6 +100,15 @@ def test_resident_data_equals_host_batches_on_four_devices(tmp_path):
       assert res[f"{bn_stats}_{per_call}_sharding"] == ["P()"]
 
 
+def test_population_split_over_pop_and_data_devices_equals_one_device(tmp_path):
+  res = _result(tmp_path, 4, "population")
+  for name in ("pop4", "pop2_data2"):
+    assert res[f"{name}_diff"] < 1e-5, name  # params and batch_stats of every member
+    assert res[f"{name}_sharding"].startswith("P('pop'") and res[f"{name}_metrics_shape"] == [4]
+  assert res["member2_vs_single"] < 1e-5
+  assert "population size 3 must be divisible by the 2 devices of the 'pop' mesh axis" in res["err_divisible"]
+
+
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   port = _free_port()
   _wait(_start(8, "reference", tmp_path),

@@ -81,6 +81,29 @@ def test_interrupted_resident_run_resumes_to_the_uninterrupted_state(tmp_path, h
     np.testing.assert_array_equal(a, b)
 
 
+def test_conv_steps_run_one_per_call_on_cpu_unless_asked_and_match_the_host_path():
+  mesh = parallel.make_mesh(1)
+  rng = np.random.default_rng(1)
+  data = {"image": rng.random((24, 28, 28, 1), dtype=np.float32), "label": rng.integers(0, 10, 24).astype(np.int32)}
+  batches = pipeline.TrainBatches(data, 4, seed=0)
+  state = state_lib.create(models.get("lenet5"), optim.optimizer("sgd", 0.05), batches.batch_at(0)["image"], 0)
+  step = parallel.compile_train_step(train.make_train_step(), mesh, state)
+  host = jax.device_put(state, may_alias=False)
+  for k in range(3):
+    host, _ = step(host, batches.batch_at(k))
+  auto = resident.DeviceBatches(batches, mesh)
+  got, sums = jax.device_put(state, may_alias=False), None
+  auto.compile(step, got)
+  assert auto.steps_per_call == 1 and "convolutions" in auto.why
+  for k in range(3):
+    got, sums = auto.run(step, got, sums, k, 1)
+  for a, b in zip(_leaves(host), _leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
+  asked = resident.DeviceBatches(batches, mesh, steps_per_call=2)
+  asked.compile(step, state)
+  assert asked.steps_per_call == 2 and asked.why == "steps_per_call=2"
+
+
 def test_indices_follow_the_host_batch_order():
   mesh, batches, _, _ = _setup()
   device_batches = resident.DeviceBatches(batches, mesh, steps_per_call=4)

@@ -186,8 +186,9 @@ def _fit_template():
 
 
 def test_snapshot_ensemble_averages_the_sgdr_cycle_ends(tmp_path):
+  # log_every 25: the cycle ends 20 and 40 fall inside resident calls, which must end there for the snapshots
   config = _config(data={"dataset": "synthetic"}, model={"hidden": (32,)}, loop={"batch_size": 64, "steps": 60,
-                   "log_every": 20}, schedule={"name": "sgdr", "first_period": 20}, ensemble={"snapshot": True})
+                   "log_every": 25}, schedule={"name": "sgdr", "first_period": 20}, ensemble={"snapshot": True})
   results = train_lib.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
   members = results["ensemble"]["members"]
   assert list(members) == ["snapshot@20", "snapshot@40", "snapshot@60"]
@@ -197,6 +198,28 @@ def test_snapshot_ensemble_averages_the_sgdr_cycle_ends(tmp_path):
   assert results["ensemble"]["ensemble"]["accuracy"] == pytest.approx(expected)
   # The last snapshot is the final model: its accuracy is the run's test accuracy.
   assert members["snapshot@60"]["accuracy"] == pytest.approx(results["test_accuracy"])
+
+
+def test_resident_and_host_data_paths_give_the_same_run_and_say_which_runs(tmp_path, monkeypatch):
+  groups = dict(model={"hidden": (32,)}, loop={"batch_size": 64, "steps": 45, "log_every": 10},
+                schedule={"name": "constant"})
+  results, logs = {}, {}
+  for name, resident in (("host", False), ("resident", True)):
+    logs[name] = []
+    config = _config(data={"dataset": "synthetic", "resident": resident}, **groups)
+    results[name] = train_lib.train_and_evaluate(config, str(tmp_path / name), log=logs[name].append)
+  assert "data path: host batches (data.resident=False)" in logs["host"]
+  assert any(line.startswith("data path: device-resident (") for line in logs["resident"])
+  assert "device-resident data: 32 step(s) per call (the cpu default)" in logs["resident"]
+  for key in ("test_accuracy", "test_loss", "evals"):
+    assert results["resident"][key] == results["host"][key]
+  train_log = lambda name: [line.split(" img/s")[0].rsplit("  ", 1)[0] for line in logs[name] if " img/s" in line]
+  assert train_log("resident") == train_log("host") and len(train_log("host")) == 5
+  monkeypatch.setattr(data.resident, "fits_on_device", lambda nbytes, mesh: (False, "too big"))
+  logged = []
+  train_lib.train_and_evaluate(_config(data={"dataset": "synthetic"}, **groups), str(tmp_path / "big"),
+                               log=logged.append)
+  assert "data path: host batches: the training set does not fit on the device (too big)" in logged
 
 
 def test_seed_ensemble_of_runs(tmp_path):

@@ -12,12 +12,12 @@ rows from the whole set, so a split set would need a cross-device gather every s
 gathers its own rows of the global batch, which comes out sharded along 'data' with no communication.
 
 `steps_per_call` (K): how many steps one dispatch runs. `default_steps_per_call(platform)` is the measured
-choice per backend (benchmarks/README.md). A call never crosses a step the caller must see: dlcore.loop ends calls
-at log, eval and checkpoint steps. One program serves every call length up to K (its trip count is an argument).
+choice per backend (benchmarks/README.md), except that a step with convolutions runs one per call on CPU (see
+`DeviceBatches.compile`). A call never crosses a step the caller must see: dlcore.loop ends calls at log, eval and
+checkpoint steps. One program serves every call length up to K (its trip count is an argument).
 """
 
 from collections.abc import Callable
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,8 @@ from dlcore.data.pipeline import TrainBatches
 
 __all__ = ["DEFAULT_STEPS_PER_CALL", "DeviceBatches", "default_steps_per_call", "fits_on_device"]
 
-# Steps per dispatch by platform, chosen from benchmarks/results/resident_cpu.md (CPU); on GPU and TPU a
-# scanned loop is the standard way to hide per-step dispatch (not measured here: benchmarks/gpu.sh measures it).
+# Steps per dispatch by platform: CPU from benchmarks/results/steps_cpu.md; on GPU and TPU a loop of steps per
+# dispatch is the standard way to hide dispatch, not measured here yet (benchmarks/gpu.sh measures K = 1, 8, 32).
 DEFAULT_STEPS_PER_CALL = {"cpu": 32, "gpu": 32, "tpu": 32}
 
 # Place the data only when it takes at most this share of the memory the device has free.
@@ -42,29 +42,26 @@ def default_steps_per_call(platform: str) -> int:
   return DEFAULT_STEPS_PER_CALL.get(platform, 1)
 
 
-def _free_bytes(device) -> int | None:
-  """Memory free on `device`: the allocator's limit minus use on accelerators, available RAM on CPU."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "bytes_limit" in stats:
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-  if device.platform == "cpu":
-    try:
-      return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-      return None
-  return None
-
-
 def fits_on_device(nbytes: int, mesh: Mesh) -> tuple[bool, str]:
-  """(whether `nbytes` of data may be placed on every device of `mesh`, a one-line reason)."""
-  free = [_free_bytes(d) for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  """(whether `nbytes` of data may be placed on every device of `mesh`, a one-line reason).
+
+  With several processes every process must call it; the verdict is True only if it holds on all of them.
+  """
+  free = [parallel.free_bytes(d) for d in mesh.devices.flat if d.process_index == jax.process_index()]
   known = [f for f in free if f is not None]
   if not known:
-    return True, f"{nbytes / 2**20:.0f} MiB per device (free memory unknown)"
-  limit = min(known) * _MEMORY_SHARE
-  verdict = nbytes <= limit
-  return verdict, (f"{nbytes / 2**20:.0f} MiB per device {'<=' if verdict else '>'} {_MEMORY_SHARE:.0%} of the "
-                   f"{min(known) / 2**20:.0f} MiB free")
+    verdict, why = True, f"{nbytes / 2**20:.0f} MiB per device (free memory unknown)"
+  else:
+    verdict = nbytes <= min(known) * _MEMORY_SHARE
+    why = (f"{nbytes / 2**20:.0f} MiB per device {'<=' if verdict else '>'} {_MEMORY_SHARE:.0%} of the "
+           f"{min(known) / 2**20:.0f} MiB free")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    everywhere = bool(np.all(multihost_utils.process_allgather(np.array([verdict]))))
+    if verdict and not everywhere:
+      why += "; too little on another process"
+    verdict = everywhere
+  return verdict, why
 
 
 class DeviceBatches:
@@ -82,9 +79,10 @@ class DeviceBatches:
     if batches.batch_size % mesh.size:
       raise ValueError(f"batch_size {batches.batch_size} (global) must be divisible by the number of devices "
                        f"{mesh.size} in the mesh")
-    platform = mesh.devices.flat[0].platform
-    self.steps_per_call = checks.positive(
-        "steps_per_call", default_steps_per_call(platform) if steps_per_call is None else steps_per_call)
+    self._platform = mesh.devices.flat[0].platform
+    self._requested = None if steps_per_call is None else checks.positive("steps_per_call", steps_per_call)
+    self.steps_per_call = self._requested or default_steps_per_call(self._platform)
+    self.why = f"steps_per_call={self._requested}" if self._requested else f"the {self._platform} default"
     self.batches, self.mesh = batches, mesh
     self.batch_size, self.steps_per_epoch = batches.batch_size, batches.steps_per_epoch
     self._compiler_options = tuple(sorted((parallel.compiler_options(mesh) or {}).items()))
@@ -115,6 +113,7 @@ class DeviceBatches:
 
     count: 1 .. steps_per_call. sums: the open log window's metric sums (None: a new window).
     """
+    program = self.compile(train_step, state)
     if not 1 <= count <= self.steps_per_call:
       raise ValueError(f"count must be in [1, steps_per_call={self.steps_per_call}], got {count}")
     replicated = NamedSharding(self.mesh, P())
@@ -122,8 +121,7 @@ class DeviceBatches:
       sums = self._zeros(train_step, state)
     sums = {k: v if isinstance(v, jax.Array) else _put(np.asarray(v, np.float32), replicated)
             for k, v in sums.items()}
-    return self.compile(train_step, state)(state, sums, self.arrays, self.placed_indices(step, count),
-                                           _put(np.int32(count), replicated))
+    return program(state, sums, self.arrays, self.placed_indices(step, count), _put(np.int32(count), replicated))
 
   def placed_indices(self, step: int, count: int) -> jax.Array:
     """`indices(step, count)` padded to [K, batch_size] and placed on the devices (split along 'data')."""
@@ -134,23 +132,36 @@ class DeviceBatches:
   def compile(self, train_step: Callable, state) -> Callable:
     """The compiled program running up to K steps of `train_step` on states shaped like `state`.
 
-    `run` compiles on first use; call this first to keep compile time out of timed work. The executable is
-    shared by every DeviceBatches with the same step, mesh, K and shapes (e.g. the seeds of a study).
+    `run` compiles on first use; call this first to keep compile time out of timed work (dlcore.loop.fit does).
+    Without an explicit steps_per_call, a step with convolutions on CPU runs one step per call, with no loop:
+    XLA:CPU leaves the convolution gradients inside a loop body uncanonicalised, and runs them far slower
+    (benchmarks/README.md); `steps_per_call` and `why` say what was chosen. The executable is shared by every
+    DeviceBatches with the same step, mesh, K and shapes (e.g. the seeds of a study).
     """
     if self._executable is None or self._executable[0] is not train_step:
       step_fn = getattr(train_step, "__wrapped__", train_step)  # a jitted step is inlined as its function
-      args = (state, self._zeros(train_step, state), self.arrays,
-              jax.ShapeDtypeStruct((self.steps_per_call, self.batch_size), np.int32, sharding=self._index_sharding),
-              jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(self.mesh, P())))
-      leaves, treedef = jax.tree.flatten(args)
-      key = (step_fn, self.mesh, self._compiler_options, treedef,
-             tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+      sums = self._zeros(train_step, state)
+      lowered = self._lower(step_fn, state, sums, 1)
+      if (not self._requested and self._platform == "cpu" and self.steps_per_call > 1
+          and "stablehlo.convolution" in lowered.as_text()):
+        self.steps_per_call, self.why = 1, "a step with convolutions on CPU (XLA:CPU runs them slowly in loops)"
+      if self.steps_per_call > 1:
+        lowered = self._lower(step_fn, state, sums, self.steps_per_call)
+      leaves, treedef = jax.tree.flatten((state, sums, self.arrays))
+      key = (step_fn, self.mesh, self._compiler_options, self.steps_per_call, treedef,
+             tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
       if key not in _EXECUTABLES:
         while len(_EXECUTABLES) >= _MAX_EXECUTABLES:
           _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
-        _EXECUTABLES[key] = _program(step_fn, self.mesh, self._compiler_options).lower(*args).compile()
+        _EXECUTABLES[key] = lowered.compile()
       self._executable = (train_step, _EXECUTABLES[key])
     return self._executable[1]
+
+  def _lower(self, step_fn: Callable, state, sums: dict, steps: int):
+    args = (state, sums, self.arrays,
+            jax.ShapeDtypeStruct((steps, self.batch_size), np.int32, sharding=self._index_sharding),
+            jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(self.mesh, P())))
+    return _program(step_fn, self.mesh, self._compiler_options, steps > 1).lower(*args)
 
   def _zeros(self, train_step: Callable, state) -> dict:
     """Zero sums shaped like `train_step`'s metrics (the start of a log window; 0 + x is exactly x)."""
@@ -163,20 +174,22 @@ _EXECUTABLES: dict[tuple, Callable] = {}  # compiled programs by step, mesh, opt
 _MAX_EXECUTABLES = 16
 
 
-def _program(step_fn: Callable, mesh: Mesh, compiler_options: tuple) -> Callable:
+def _program(step_fn: Callable, mesh: Mesh, compiler_options: tuple, looped: bool) -> Callable:
   """(state, sums, arrays, indices [K, B], count) -> (state, sums): `count` steps of `step_fn` in one program.
 
-  A loop with a traced trip count, so one program serves every count up to K.
+  looped: a loop with a traced trip count, so one program serves every count up to K; otherwise one step on
+  indices[0] (K = 1, count 1), with no loop around it.
   """
   replicated = NamedSharding(mesh, P())
 
-  def steps(state, sums, arrays, indices, count):
-    def body(i, carry):
-      st, acc = carry
-      st, metrics = step_fn(st, {k: jnp.take(v, indices[i], axis=0) for k, v in arrays.items()})
-      return st, jax.tree.map(jnp.add, acc, metrics)
+  def one(state, sums, arrays, idx):
+    state, metrics = step_fn(state, {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()})
+    return state, jax.tree.map(jnp.add, sums, metrics)
 
-    return jax.lax.fori_loop(0, count, body, (state, sums))
+  def steps(state, sums, arrays, indices, count):
+    if not looped:
+      return one(state, sums, arrays, indices[0])
+    return jax.lax.fori_loop(0, count, lambda i, carry: one(*carry, arrays, indices[i]), (state, sums))
 
   return jax.jit(steps, in_shardings=(replicated, replicated, replicated,
                                       NamedSharding(mesh, P(None, mesh.axis_names[0])), replicated),
