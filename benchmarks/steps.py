@@ -130,6 +130,15 @@ def bench_paths(case: str, mesh, windows: int, window_s: float) -> dict:
   step = parallel.compile_train_step(train.make_train_step(), mesh, initial)
   put = lambda b: parallel.shard_batch(b, mesh)
   ks = [int(k) for k in FLAGS.steps_per_call]
+  auto = resident.DeviceBatches(batches, mesh)
+  auto.compile(step, initial)
+  looped_ms = None
+  if auto.steps_per_call == 1 and max(ks) > 1:  # conv steps on CPU: the loop is far slower (one timed call)
+    two = resident.DeviceBatches(batches, mesh, steps_per_call=2)
+    two.compile(step, initial)
+    looped_ms = 1e3 * _timed(lambda: jax.block_until_ready(two.run(step, jax.tree.map(jnp.copy, initial), None,
+                                                                      0, 2))) / 2
+    ks = [1]
   sources = {"host": batches} | {f"resident K={k}": resident.DeviceBatches(batches, mesh, steps_per_call=k)
                                    for k in ks}
 
@@ -158,7 +167,9 @@ def bench_paths(case: str, mesh, windows: int, window_s: float) -> dict:
   flops = flops[0] if isinstance(flops, (list, tuple)) else flops
   out = {"batch_size": batch_size, "example_shape": list(shape), "train_examples": n, "steps_per_window": steps,
          "flops_per_step": float(flops.get("flops", 0.0)) if flops else None,
-         "host_batch_ms_per_step": host_ms, "resident_batch_ms_per_step": resident_ms, "paths": {}}
+         "host_batch_ms_per_step": host_ms, "resident_batch_ms_per_step": resident_ms,
+         "default_steps_per_call": auto.steps_per_call, "default_why": auto.why,
+         "looped_ms_per_step": looped_ms, "paths": {}}
   for name in sources:
     out["paths"][name] = {"steps_per_s": median_range(rates[name]),
                           "vs_host": pair_ratios(rates[name], rates["host"]) if name != "host" else None}
@@ -299,18 +310,28 @@ def markdown(result: dict) -> str:
               "windows per path, each from the same initial state. steps/s: median [min-max] over windows; vs "
               "host: median [min-max] over back-to-back pairs. Arithmetic: XLA's FLOPs per step over the "
               f"float32 matmul peak measured in the same run ({peak:.1f} GFLOP/s, n=2048).", ""]
-    names = list(next(iter(result["paths"].values()))["paths"])
+    names = max((list(r["paths"]) for r in result["paths"].values()), key=len)
     lines += ["| model | batch | " + " | ".join(f"{n} steps/s" for n in names) + " | " +
               " | ".join(f"{n} vs host" for n in names[1:]) + " | arithmetic ms/step | best ms/step | "
               "host batch ms/step: host / resident |",
               "|---" * (2 * len(names) + 4) + "|"]
     for case, r in result["paths"].items():
-      rates = [r["paths"][n]["steps_per_s"]["median"] for n in names]
+      rates = {n: r["paths"][n]["steps_per_s"]["median"] for n in names if n in r["paths"]}
       arith = (1e3 * r["flops_per_step"] / (peak * 1e9)) if r["flops_per_step"] else None
-      lines.append(f"| {case} | {r['batch_size']} | " + " | ".join(f"{v:.1f}" for v in rates) + " | " +
-                   " | ".join(_r(r["paths"][n]["vs_host"]) for n in names[1:]) +
-                   f" | {arith:.3f} | {1e3 / max(rates):.3f} | {r['host_batch_ms_per_step']:.3f} / "
-                   f"{r['resident_batch_ms_per_step']:.4f} |")
+      lines.append(f"| {case} | {r['batch_size']} | " + " | ".join(
+          f"{rates[n]:.1f}" if n in rates else "-" for n in names) + " | " +
+          " | ".join(_r(r["paths"][n]["vs_host"]) if n in rates else "-" for n in names[1:]) +
+          f" | {arith:.3f} | {1e3 / max(rates.values()):.3f} | {r['host_batch_ms_per_step']:.3f} / "
+          f"{r['resident_batch_ms_per_step']:.4f} |")
+    lines.append("")
+    lines += [f"Default steps per call (`DeviceBatches` without `steps_per_call`): " + "; ".join(
+        f"{case} {r['default_steps_per_call']} ({r['default_why']})" for case, r in result["paths"].items()) + "."]
+    for case, r in result["paths"].items():
+      if r.get("looped_ms_per_step"):
+        lines.append(f"{case}: inside a loop (K=2, one call) a step takes {r['looped_ms_per_step']:.0f} ms, "
+                     f"against {1e3 / r['paths']['resident K=1']['steps_per_s']['median']:.0f} ms with one step per "
+                     "call: XLA:CPU runs the convolution gradients in a loop body uncanonicalised, so K>1 is not "
+                     "measured for it.")
     lines.append("")
   if "breakdown" in result:
     peak = result["matmul_peak_gflops"]
