@@ -7,6 +7,7 @@ K (--sizes), this times, alternately, in one process:
   sequential   K single runs one after another, each on the same resident path (the fastest single-run path,
                benchmarks/results/steps_cpu.md); they share one compiled step (same hyperparameters, other seeds),
                so no run pays a compile inside the timing
+  sequential_host  the same single runs on host batches, one dispatch per step (the path before resident data)
 both for --steps steps per member. Reported: member-steps/s (median [min-max] over --windows), the ratio
 population / sequential (median over back-to-back pairs), and the time of one population step against one single
 step (K members' worth of work in one step costs K x the single step's time at ratio 1).
@@ -74,7 +75,8 @@ def bench(case: str, k: int, mesh) -> dict:
   rates = list(np.geomspace(0.01, 0.5, k))
   pop0 = population.create(model, sample, optimizer=opt, learning_rate=rates, seed=list(range(k)))
   pop_step = population.make_train_step()
-  single0 = [state_lib.create(model, optim.optimizer(opt, rates[0]), sample, seed) for seed in range(k)]
+  tx = optim.optimizer(opt, rates[0])  # one optimiser object: the single runs share one compiled program
+  single0 = [state_lib.create(model, tx, sample, seed) for seed in range(k)]
   single_step = jax.jit(train.make_train_step())
 
   def train_for(source, step, state):
@@ -85,33 +87,44 @@ def bench(case: str, k: int, mesh) -> dict:
       done += calls
     jax.block_until_ready(state)
 
+  host_step = jax.jit(train.make_train_step(), donate_argnums=0)
+
   def run(mode, members: int = k) -> float:
-    """Seconds for `steps` steps of every member: one population, or K single runs one after another."""
+    """Seconds for `steps` steps of every member: one population, or K single runs one after another (on
+    resident data, or on host batches with one dispatch per step as before device-resident data)."""
     states = ([jax.tree.map(jnp.copy, pop0)] if mode == "population" else
               [jax.tree.map(jnp.copy, s) for s in single0[:members]])
-    step = pop_step if mode == "population" else single_step
+    jax.block_until_ready(states)
     t = time.perf_counter()
     for state in states:
-      train_for(sources[mode], step, state)
+      if mode == "sequential_host":
+        for i in range(steps):
+          state, _ = host_step(state, batches.batch_at(i))
+        jax.block_until_ready(state)
+      else:
+        train_for(sources[mode], pop_step if mode == "population" else single_step, state)
     return time.perf_counter() - t
 
-  for mode in sources:  # compile and warm up
+  modes = ("population", "sequential", "sequential_host")
+  for mode in modes:  # compile and warm up
     run(mode, members=1)
-  seconds = {"population": [], "sequential": []}
+  seconds = {mode: [] for mode in modes}
   for w in range(FLAGS.windows):
-    for mode in (("population", "sequential") if w % 2 == 0 else ("sequential", "population")):
+    for mode in (modes if w % 2 == 0 else modes[::-1]):
       seconds[mode].append(run(mode))
   member_steps = k * steps
   out = {"k": k, "batch_size": batch_size, "steps": steps,
          "population": _rates([member_steps / s for s in seconds["population"]]),
-         "sequential": _rates([member_steps / s for s in seconds["sequential"]])}
-  pairs = [b / a for a, b in zip(seconds["population"], seconds["sequential"])]
-  out["ratio"] = _rates(pairs)
+         "sequential": _rates([member_steps / s for s in seconds["sequential"]]),
+         "sequential_host": _rates([member_steps / s for s in seconds["sequential_host"]])}
+  out["ratio"] = _rates([b / a for a, b in zip(seconds["population"], seconds["sequential"])])
+  out["ratio_host"] = _rates([b / a for a, b in zip(seconds["population"], seconds["sequential_host"])])
   out["population_step_ms"] = 1e3 * statistics.median(seconds["population"]) / steps
   out["single_step_ms"] = 1e3 * statistics.median(seconds["sequential"]) / member_steps
   print(f"[{case} K={k}] population {out['population']['median']:.0f} member-steps/s, sequential "
         f"{out['sequential']['median']:.0f}: {out['ratio']['median']:.2f}x [{out['ratio']['min']:.2f}-"
-        f"{out['ratio']['max']:.2f}]", flush=True)
+        f"{out['ratio']['max']:.2f}]; sequential on host batches {out['sequential_host']['median']:.0f}: "
+        f"{out['ratio_host']['median']:.2f}x", flush=True)
   return out
 
 
@@ -127,13 +140,16 @@ def markdown(result: dict) -> str:
            "windows. member-steps/s: median [min-max]; ratio: population / sequential, median [min-max] over "
            "back-to-back pairs. Step times: one population step (K members) and one single-model step.", "",
            "| model | batch | K | population member-steps/s | sequential member-steps/s | **ratio** | "
-           "population step ms | single step ms | population step / single step |", "|---" * 9 + "|"]
+           "sequential on host batches | ratio to it | population step ms | single step ms | "
+           "population step / single step |", "|---" * 11 + "|"]
   for case, rows in result["cases"].items():
     for r in rows:
       lines.append(f"| {case} | {r['batch_size']} | {r['k']} | {r['population']['median']:.0f} "
                    f"[{r['population']['min']:.0f}-{r['population']['max']:.0f}] | {r['sequential']['median']:.0f} "
                    f"[{r['sequential']['min']:.0f}-{r['sequential']['max']:.0f}] | **{r['ratio']['median']:.2f}** "
-                   f"[{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}] | {r['population_step_ms']:.3f} | "
+                   f"[{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}] | {r['sequential_host']['median']:.0f} | "
+                   f"{r['ratio_host']['median']:.2f} [{r['ratio_host']['min']:.2f}-{r['ratio_host']['max']:.2f}] | "
+                   f"{r['population_step_ms']:.3f} | "
                    f"{r['single_step_ms']:.3f} | {r['population_step_ms'] / r['single_step_ms']:.1f} |")
   return "\n".join(lines) + "\n"
 

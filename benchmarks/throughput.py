@@ -2,8 +2,10 @@ r"""Training throughput and memory of dlcore against the same models written pla
 
 For each model (MLP on 28x28x1, the four-layer CIFAR ConvNet and ResNet-20 on 32x32x3) this runs dlcore's real
 `train_step` (cross-entropy, SGD momentum 0.9, `jax.jit(step, donate_argnums=0)`) and a PyTorch twin with the
-same layers, parameter count and initial weights (the logits of both are compared), timing windows of steps
-ALTERNATELY in one process (order A B C, C B A, ...) so machine noise hits every framework alike. By default a
+same layers, parameter count and initial weights (the logits of both are compared) -- eager NCHW, eager
+channels_last (conv nets) and under torch.compile -- timing windows of steps ALTERNATELY in one process (order
+A B C, C B A, ..., each after --settle_s idle) so machine noise hits every framework alike. The headline ratio is
+against the fastest PyTorch variant. By default a
 third runner, 'dlcore_tuned', runs the same step compiled with `--xla_options` (on CPU: convolutions kept out of
 XLA's YNNPACK fusions), so the before/after of that setting is measured in the same run. Per model:
 

@@ -138,7 +138,8 @@ class DeviceBatches:
     (benchmarks/README.md); `steps_per_call` and `why` say what was chosen. The executable is shared by every
     DeviceBatches with the same step, mesh, K and shapes (e.g. the seeds of a study).
     """
-    if self._executable is None or self._executable[0] is not train_step:
+    structure = jax.tree.structure(state)  # static fields (apply_fn, tx) included: another one recompiles
+    if self._executable is None or self._executable[:2] != (train_step, structure):
       step_fn = getattr(train_step, "__wrapped__", train_step)  # a jitted step is inlined as its function
       sums = self._zeros(train_step, state)
       lowered = self._lower(step_fn, state, sums, 1)
@@ -154,8 +155,8 @@ class DeviceBatches:
         while len(_EXECUTABLES) >= _MAX_EXECUTABLES:
           _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
         _EXECUTABLES[key] = lowered.compile()
-      self._executable = (train_step, _EXECUTABLES[key])
-    return self._executable[1]
+      self._executable = (train_step, structure, _EXECUTABLES[key])
+    return self._executable[2]
 
   def _lower(self, step_fn: Callable, state, sums: dict, steps: int):
     args = (state, sums, self.arrays,
