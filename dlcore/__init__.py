@@ -12,7 +12,8 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   loop                        fit(): progress, evaluation, checkpoints, exact resume, early stopping, NaN guard
   checkpoint, summaries       orbax checkpoints; metrics.jsonl and TensorBoard
   parallel                    data parallelism over a 'data' mesh; jax.distributed
-  data                        datasets, seeded batching, preprocessing, on-device augmentation
+  population                  K models trained by one vmapped step, per-member hyperparameters ('pop' mesh axis)
+  data                        datasets, seeded batching (host or device-resident), preprocessing, augmentation
   stats, gradcheck, ensemble  activation/gradient statistics; float64 gradient checks; ensembles
   pooling, checks             pooling with CPU-friendly gradients; argument validation
 
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = ["activations", "checkpoint", "checks", "data", "ensemble", "gradcheck", "initializers", "layers",
-           "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "state", "stats", "summaries",
-           "train"]
+           "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population", "state", "stats",
+           "summaries", "train"]
 
 if TYPE_CHECKING:
   from dlcore import (activations, checkpoint, checks, data, ensemble, gradcheck, initializers, layers, loop,
-                      losses, masks, models, optim, parallel, pooling, state, stats, summaries, train)
+                      losses, masks, models, optim, parallel, pooling, population, state, stats, summaries, train)
 
 
 def __getattr__(name: str):
