@@ -156,7 +156,10 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
   def population_step(pop: Population, batch: dict) -> tuple[Population, dict]:
     one = functools.partial(member_step, optimizer=pop.optimizer, schedule=pop.schedule,
                             weight_decay=pop.weight_decay)
-    new, metrics = jax.vmap(one, in_axes=(0, 0, 0 if per_member_batches else None))(pop.state, pop.hparams, batch)
+    if not per_member_batches:  # every member gets the batch: each dot is then batched on both operands, which
+      # XLA:CPU runs faster than a dot batched only in its weights (benchmarks/results/population_cpu.md)
+      batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (pop.size, *x.shape)), batch)
+    new, metrics = jax.vmap(one)(pop.state, pop.hparams, batch)
     finite = jnp.isfinite(metrics["loss"]) & jax.vmap(_all_finite)((new.params, new.batch_stats))
     keep = pop.active & finite
     state = jax.tree.map(lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, pop.state)
