@@ -1,11 +1,12 @@
 """The machine a benchmark ran on: CPU model and ISA, usable cores, memory, load settings, library versions."""
 
+import json
 import os
 import platform
 
 import jax
 
-__all__ = ["describe", "loadavg"]
+__all__ = ["describe", "loadavg", "write_results"]
 
 
 def describe() -> dict:
@@ -49,3 +50,14 @@ def loadavg() -> str:
   """The 1, 5 and 15 minute load averages."""
   with open("/proc/loadavg") as f:
     return " ".join(f.read().split()[:3])
+
+
+def write_results(out_dir: str, tag: str, result: dict, table: str) -> None:
+  """Writes `out_dir`/`tag`.json (the result) and .md (its table); nothing when out_dir is ''."""
+  if not out_dir:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  for ext, text in (("json", json.dumps(result, indent=2) + "\n"), ("md", table)):
+    with open(os.path.join(out_dir, f"{tag}.{ext}"), "w") as f:
+      f.write(text)
+  print(f"wrote {os.path.join(out_dir, tag)}.json and .md")

@@ -16,7 +16,6 @@ step (K members' worth of work in one step costs K x the single step's time at r
   python benchmarks/population.py --device=gpu    # the GPU command (benchmarks/gpu.sh runs it)
 """
 
-import json
 import os
 import statistics
 import sys
@@ -175,13 +174,7 @@ def main(argv):
   result["loadavg_after"] = machine_info.loadavg()
   table = markdown(result)
   print(table)
-  if FLAGS.out_dir:
-    tag = FLAGS.tag or f"population_{FLAGS.device}"
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(result, indent=2) + "\n"), ("md", table)):
-      with open(os.path.join(FLAGS.out_dir, f"{tag}.{ext}"), "w") as f:
-        f.write(text)
-    print(f"wrote {os.path.join(FLAGS.out_dir, tag)}.json and .md")
+  machine_info.write_results(FLAGS.out_dir, FLAGS.tag or f"population_{FLAGS.device}", result, table)
 
 
 if __name__ == "__main__":

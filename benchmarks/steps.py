@@ -21,7 +21,6 @@ augmentation (flip,crop), bfloat16 compute -- against the plain step, alternatin
   python benchmarks/steps.py --device=gpu       # on a GPU (benchmarks/gpu.sh)
 """
 
-import json
 import os
 import statistics
 import sys
@@ -404,13 +403,8 @@ def main(argv):
   result["loadavg_after"] = machine_info.loadavg()
   table = markdown(result)
   print(table)
-  if FLAGS.out_dir:
-    tag = FLAGS.tag or f"steps_{FLAGS.device}" + ("_quick" if FLAGS.quick else "")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(result, indent=2) + "\n"), ("md", table)):
-      with open(os.path.join(FLAGS.out_dir, f"{tag}.{ext}"), "w") as f:
-        f.write(text)
-    print(f"wrote {os.path.join(FLAGS.out_dir, tag)}.json and .md")
+  tag = FLAGS.tag or f"steps_{FLAGS.device}" + ("_quick" if FLAGS.quick else "")
+  machine_info.write_results(FLAGS.out_dir, tag, result, table)
 
 
 if __name__ == "__main__":

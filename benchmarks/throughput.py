@@ -979,14 +979,9 @@ def main(argv):
   result["loadavg_after"] = machine_info.loadavg()
   table = markdown(result)
   print(table)
-  if FLAGS.out_dir:
-    tag = FLAGS.tag or "throughput_" + FLAGS.device + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + (
-        "_quick" if FLAGS.quick else "")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(result, indent=2) + "\n"), ("md", table)):
-      with open(os.path.join(FLAGS.out_dir, f"{tag}.{ext}"), "w") as f:
-        f.write(text)
-    print(f"wrote {os.path.join(FLAGS.out_dir, tag)}.json and .md")
+  tag = FLAGS.tag or "throughput_" + FLAGS.device + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + (
+      "_quick" if FLAGS.quick else "")
+  machine_info.write_results(FLAGS.out_dir, tag, result, table)
 
 
 if __name__ == "__main__":

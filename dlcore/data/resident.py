@@ -117,8 +117,8 @@ class DeviceBatches:
     if not 1 <= count <= self.steps_per_call:
       raise ValueError(f"count must be in [1, steps_per_call={self.steps_per_call}], got {count}")
     replicated = NamedSharding(self.mesh, P())
-    if sums is None:
-      sums = self._zeros(train_step, state)
+    if sums is None:  # zeros shaped like the step's metrics, known since compile (0 + x is exactly x)
+      sums = {k: _put(np.zeros(v.shape, v.dtype), replicated) for k, v in self._executable[3].items()}
     sums = {k: v if isinstance(v, jax.Array) else _put(np.asarray(v, np.float32), replicated)
             for k, v in sums.items()}
     return program(state, sums, self.arrays, self.placed_indices(step, count), _put(np.int32(count), replicated))
@@ -141,7 +141,9 @@ class DeviceBatches:
     structure = jax.tree.structure(state)  # static fields (apply_fn, tx) included: another one recompiles
     if self._executable is None or self._executable[:2] != (train_step, structure):
       step_fn = getattr(train_step, "__wrapped__", train_step)  # a jitted step is inlined as its function
-      sums = self._zeros(train_step, state)
+      batch = {k: jax.ShapeDtypeStruct((self.batch_size, *v.shape[1:]), v.dtype) for k, v in self.arrays.items()}
+      metrics = jax.eval_shape(train_step, state, batch)[1]
+      sums = {k: _put(np.zeros(v.shape, v.dtype), NamedSharding(self.mesh, P())) for k, v in metrics.items()}
       lowered = self._lower(step_fn, state, sums, 1)
       if (not self._requested and self._platform == "cpu" and self.steps_per_call > 1
           and "stablehlo.convolution" in lowered.as_text()):
@@ -155,7 +157,7 @@ class DeviceBatches:
         while len(_EXECUTABLES) >= _MAX_EXECUTABLES:
           _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
         _EXECUTABLES[key] = lowered.compile()
-      self._executable = (train_step, structure, _EXECUTABLES[key])
+      self._executable = (train_step, structure, _EXECUTABLES[key], metrics)
     return self._executable[2]
 
   def _lower(self, step_fn: Callable, state, sums: dict, steps: int):
@@ -163,12 +165,6 @@ class DeviceBatches:
             jax.ShapeDtypeStruct((steps, self.batch_size), np.int32, sharding=self._index_sharding),
             jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(self.mesh, P())))
     return _program(step_fn, self.mesh, self._compiler_options, steps > 1).lower(*args)
-
-  def _zeros(self, train_step: Callable, state) -> dict:
-    """Zero sums shaped like `train_step`'s metrics (the start of a log window; 0 + x is exactly x)."""
-    batch = {k: jax.ShapeDtypeStruct((self.batch_size, *v.shape[1:]), v.dtype) for k, v in self.arrays.items()}
-    shapes = jax.eval_shape(train_step, state, batch)[1]
-    return {k: _put(np.zeros(v.shape, v.dtype), NamedSharding(self.mesh, P())) for k, v in shapes.items()}
 
 
 _EXECUTABLES: dict[tuple, Callable] = {}  # compiled programs by step, mesh, options and argument shapes
