@@ -12,6 +12,8 @@ on weights), label_smoothing, init_scale and seed (both used at creation). A mem
 BatchNorm statistics become non-finite is frozen at its last finite state and its step recorded in `diverged_at`; `freeze` stops
 members by hand (early stopping). Freezing changes data, not the program: nothing recompiles.
 
+`make_eval_step` evaluates every member on one shared batch (sums, as dlcore.train's eval step).
+
 Batches: one shared batch for every member ({'image': [N, ...], 'label': [N]}), or one per member ([K, N, ...],
 `per_member_batches=True`, e.g. each member's own data order). Devices: `make_mesh(pop, data)` builds a 2-D mesh
 ('pop', 'data'); `compile_train_step` shards the member axis over 'pop' and each batch over 'data'.
@@ -30,8 +32,8 @@ import numpy as np
 from dlcore import checks, losses, optim, parallel, train
 from dlcore import state as state_lib
 
-__all__ = ["DEFAULTS", "HYPERPARAMS", "POP_AXIS", "Population", "compile_train_step", "create", "estimate_bytes",
-           "freeze", "make_mesh", "make_train_step", "member"]
+__all__ = ["DEFAULTS", "HYPERPARAMS", "POP_AXIS", "Population", "compile_eval_step", "compile_train_step", "create",
+           "estimate_bytes", "freeze", "make_eval_step", "make_mesh", "make_train_step", "member"]
 
 POP_AXIS = "pop"
 # Every per-member hyperparameter and its value when not given.
@@ -136,12 +138,16 @@ def _transformation(optimizer: str, learning_rate, values: Mapping, decay: bool,
 
 
 def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ratio: float = 0.5,
-                    augment: Callable | None = None, per_member_batches: bool = False) -> Callable:
+                    augment: Callable | None = None, per_member_batches: bool = False,
+                    vectorize: bool = True) -> Callable:
   """The population step `(population, batch) -> (population, metrics {name: [K]})`.
 
   The data loss, the penalty (its strength is per member) and augmentation are dlcore.train.make_train_step's;
   the optimiser and schedule are the population's own. Frozen members keep their state; their metrics are still
   computed. per_member_batches: every batch array has a leading [K] axis (else one batch serves all).
+  vectorize: members as one vmapped computation (True), or one after another inside the one program (False):
+  XLA:CPU runs a convolution vmapped over its weights as a grouped convolution, several times slower than K
+  separate ones (benchmarks/results/population_cpu.md), so conv nets on CPU train faster unvectorised.
   """
   losses.get(loss)
   checks.one_of("penalty", penalty, losses.PENALTIES)
@@ -159,7 +165,12 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
     if not per_member_batches:  # every member gets the batch: each dot is then batched on both operands, which
       # XLA:CPU runs faster than a dot batched only in its weights (benchmarks/results/population_cpu.md)
       batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (pop.size, *x.shape)), batch)
-    new, metrics = jax.vmap(one)(pop.state, pop.hparams, batch)
+    if vectorize:
+      new, metrics = jax.vmap(one)(pop.state, pop.hparams, batch)
+    else:  # each member a vmap of one: the same program per member, with no grouped convolutions
+      outs = [jax.vmap(one)(*jax.tree.map(lambda x: x[k:k + 1], (pop.state, pop.hparams, batch)))
+              for k in range(pop.size)]
+      new, metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
     finite = jnp.isfinite(metrics["loss"]) & jax.vmap(_all_finite)((new.params, new.batch_stats))
     keep = pop.active & finite
     state = jax.tree.map(lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, pop.state)
@@ -167,6 +178,20 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
     return pop.replace(state=state, active=keep, diverged_at=diverged), metrics
 
   return population_step
+
+
+def make_eval_step(loss: str = "cross_entropy") -> Callable:
+  """The population's evaluation step `(population, batch) -> sums {name: [K]}`: dlcore.train's eval step (running
+  statistics, no dropout, mask-weighted sums) for every member on one shared batch, with each member's own label
+  smoothing in the cross-entropy; `dlcore.train.summarize` of member k's slice of the summed sums gives its loss
+  and accuracy."""
+  losses.get(loss)
+
+  def member_eval(state, hp, batch):
+    kwargs = {"label_smoothing": hp["label_smoothing"]} if loss == "cross_entropy" else {}
+    return train.make_eval_step(loss, **kwargs)(state, batch)
+
+  return lambda pop, batch: jax.vmap(member_eval, in_axes=(0, 0, None))(pop.state, pop.hparams, batch)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -230,5 +255,12 @@ def compile_train_step(step: Callable, mesh: Mesh, pop: Population, batch: dict,
   members = NamedSharding(mesh, P(POP_AXIS))
   batches = NamedSharding(mesh, P(POP_AXIS, parallel.AXIS) if per_member_batches else P(parallel.AXIS))
   return jax.jit(step, in_shardings=(members, batches), out_shardings=(members, members), donate_argnums=0,
+                 compiler_options=parallel.compiler_options(mesh))
+
+
+def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+  """`jax.jit` of the population's evaluation step with members split over 'pop' and each batch over 'data'."""
+  members = NamedSharding(mesh, P(POP_AXIS))
+  return jax.jit(eval_step, in_shardings=(members, NamedSharding(mesh, P(parallel.AXIS))), out_shardings=members,
                  compiler_options=parallel.compiler_options(mesh))
 

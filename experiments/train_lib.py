@@ -26,7 +26,8 @@ from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "plan_steps", "train_and_evaluate", "training_source", "validate"]
+           "check_workdir", "learning_rate_schedule", "load_dataset", "make_train_step", "plan_steps",
+           "train_and_evaluate", "training_source", "validate"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
@@ -162,7 +163,8 @@ def plan_steps(config, train_size: int) -> tuple[int, int]:
   return steps_per_epoch, config.loop.steps or max(1, math.ceil(config.loop.epochs * steps_per_epoch))
 
 
-def _schedule(config, train_size: int):
+def learning_rate_schedule(config, train_size: int):
+  """The run's learning rate as a function of the step: schedule.* at optimizer.learning_rate over its length."""
   steps_per_epoch, total_steps = plan_steps(config, train_size)
   params = _schedule_params(config)
   if "boundaries" in params:
@@ -171,10 +173,14 @@ def _schedule(config, train_size: int):
                         total_steps=total_steps, **params)
 
 
-def build_state(config, dataset: data.Dataset, sample: np.ndarray) -> state_lib.TrainState:
-  """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`."""
+def build_state(config, dataset: data.Dataset, sample: np.ndarray,
+                learning_rate: optim.LearningRate | None = None) -> state_lib.TrainState:
+  """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`;
+  `learning_rate` replaces the config's schedule (the learning-rate range test sweeps its own)."""
   o = config.optimizer
-  tx = optim.optimizer(o.name, _schedule(config, len(dataset.train)), momentum=o.momentum,
+  if learning_rate is None:
+    learning_rate = learning_rate_schedule(config, len(dataset.train))
+  tx = optim.optimizer(o.name, learning_rate, momentum=o.momentum,
                        weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode, clip_norm=o.clip_norm)
   return state_lib.create(build_model(config, dataset.num_classes), tx, sample, config.seed, lsuv_batch=sample)
 
@@ -244,7 +250,8 @@ def plot_curves(metrics_path: str, out_path: str, eval_name: str) -> None:
   common.save_figure(fig, out_path)
 
 
-def _load_dataset(config) -> data.Dataset:
+def load_dataset(config) -> data.Dataset:
+  """The dataset `config.data` names, with its validation split and training subset (not preprocessed)."""
   c = config.data
   validation = None if c.validation_size < 0 else c.validation_size
   dataset = data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
@@ -254,6 +261,18 @@ def _load_dataset(config) -> data.Dataset:
     train_split = data.Split(dataset.train.images[:c.subset], dataset.train.labels[:c.subset])
     dataset = dataclasses.replace(dataset, train=train_split)
   return dataset
+
+
+def _loss_kwargs(config) -> dict:
+  return {"cross_entropy": {"label_smoothing": config.loss.label_smoothing},
+          "hinge": {"delta": config.loss.hinge_delta}}.get(config.loss.name, {})
+
+
+def make_train_step(config):
+  """The pure `train_step(state, batch)` of `config`'s loss, penalty and augmentation (dlcore.train)."""
+  augment = data.augment.make(config.data.augment) if config.data.augment else None
+  return train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
+                               config.loss.l1_ratio, augment=augment, **_loss_kwargs(config))
 
 
 def training_source(batches: data.TrainBatches, mesh, *, resident: bool, steps_per_call: int, log):
@@ -285,7 +304,7 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
   start = time.perf_counter()
 
   if dataset is None:
-    dataset = _load_dataset(config)
+    dataset = load_dataset(config)
   log(f"data: {dataset.source} | train {len(dataset.train)}, {dataset.eval_split_name} "
       f"{len(dataset.eval_split)}, test {len(dataset.test)}, image {dataset.image_shape}")
   if config.data.preprocess != "none":
@@ -301,18 +320,14 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
   test_batches = data.EvalBatches(dataset.test, batch_size, **procs)
 
   state = build_state(config, dataset, train_batches.batch_at(0)["image"])
-  loss_kwargs = {"cross_entropy": {"label_smoothing": config.loss.label_smoothing},
-                 "hinge": {"delta": config.loss.hinge_delta}}.get(config.loss.name, {})
-  augment = data.augment.make(config.data.augment) if config.data.augment else None
-  step_fn = train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
-                                  config.loss.l1_ratio, augment=augment, **loss_kwargs)
-  learning_rate = _schedule(config, len(dataset.train))
+  step_fn = make_train_step(config)
+  learning_rate = learning_rate_schedule(config, len(dataset.train))
 
   def train_step(st, batch):  # the step, plus the learning rate its update used
     new, metrics = step_fn(st, batch)
     return new, {**metrics, "learning_rate": learning_rate(st.step)}
 
-  eval_step = train.make_eval_step(config.loss.name, **loss_kwargs)
+  eval_step = train.make_eval_step(config.loss.name, **_loss_kwargs(config))
   state = parallel.replicate(state, mesh)
   train_step = parallel.compile_train_step(train_step, mesh, state, bn_stats=config.parallel.bn_stats)
   eval_step = parallel.compile_eval_step(eval_step, mesh)

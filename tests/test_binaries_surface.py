@@ -98,7 +98,8 @@ def test_installed_binaries_do_not_claim_the_name_experiments(tmp_path):
 
 
 SCRIPTS = {"dlcore-train": "--extend_schedule", "dlcore-activation-stats": "cs231n",
-           "dlcore-batchnorm-mnist": "Ioffe & Szegedy", "dlcore-relu-vs-tanh": "Krizhevsky"}
+           "dlcore-batchnorm-mnist": "Ioffe & Szegedy", "dlcore-relu-vs-tanh": "Krizhevsky",
+           "dlcore-lr-finder": "study.stop_factor", "dlcore-sweep": "Coarse-to-fine"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

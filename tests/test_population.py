@@ -56,19 +56,20 @@ def _max_diff(a, b) -> float:
                              strict=True))
 
 
-def _population(per_member: bool, scheduled: bool, **overrides):
+def _population(per_member: bool, scheduled: bool, vectorize: bool = True, **overrides):
   pop = population.create(_model(), _data()["image"][:BATCH], schedule=_shape() if scheduled else None,
                           **{**MEMBERS, **overrides})
-  step = jax.jit(population.make_train_step(penalty="l2", per_member_batches=per_member))
+  step = jax.jit(population.make_train_step(penalty="l2", per_member_batches=per_member, vectorize=vectorize))
   return pop, step
 
 
-@pytest.mark.parametrize("per_member, scheduled", [(False, False), (True, True)])
-def test_member_k_equals_a_single_run_with_its_hyperparameters(per_member, scheduled):
+@pytest.mark.parametrize("per_member, scheduled, vectorize", [(False, False, True), (True, True, True),
+                                                              (True, False, False)])
+def test_member_k_equals_a_single_run_with_its_hyperparameters(per_member, scheduled, vectorize):
   shared = pipeline.TrainBatches(_data(), BATCH, seed=5)
   own = [pipeline.TrainBatches(_data(), BATCH, seed=10 + k) for k in range(3)]
   batches = (lambda k: own[k]) if per_member else (lambda k: shared)
-  pop, step = _population(per_member, scheduled)
+  pop, step = _population(per_member, scheduled, vectorize)
   for i in range(STEPS):
     batch = (jax.tree.map(lambda *xs: np.stack(xs), *[b.batch_at(i) for b in own]) if per_member
              else shared.batch_at(i))
@@ -78,6 +79,19 @@ def test_member_k_equals_a_single_run_with_its_hyperparameters(per_member, sched
     assert _max_diff(population.member(pop, k), _single(k, batches, scheduled)) < 1e-5, k
     assert int(population.member(pop, k).step) == STEPS
   assert bool(np.all(pop.active)) and list(np.asarray(pop.diverged_at)) == [-1, -1, -1]
+
+
+def test_the_eval_step_gives_each_member_its_single_runs_sums():
+  batches = pipeline.TrainBatches(_data(), BATCH, seed=5)
+  pop, step = _population(False, False)
+  for i in range(2):
+    pop, _ = step(pop, batches.batch_at(i))
+  batch = {**batches.batch_at(3), "mask": np.r_[np.ones(BATCH - 3), np.zeros(3)].astype(np.float32)}
+  sums = jax.jit(population.make_eval_step())(pop, batch)
+  for k in range(3):
+    single = train.make_eval_step(label_smoothing=MEMBERS["label_smoothing"][k])(population.member(pop, k), batch)
+    for name in ("loss_sum", "correct", "count"):
+      np.testing.assert_allclose(sums[name][k], single[name], rtol=1e-5)
 
 
 def test_a_diverging_member_is_frozen_and_reported_without_touching_the_others():

@@ -10,7 +10,8 @@ thing it configures" (the model's BatchNorm placement, a schedule's own default 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "relu_vs_tanh", "train"]
+__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "lr_finder", "relu_vs_tanh", "sweep",
+           "train"]
 
 
 def _data() -> dict:
@@ -101,5 +102,34 @@ def relu_vs_tanh() -> ml_collections.ConfigDict:
                  target_error=0.25, max_epochs=30, seeds=2, stop_at_target=False)))
 
 
+def sweep() -> ml_collections.ConfigDict:
+  """Coarse-to-fine random search (cs231n) over the trainer's run, each stage one population."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset=..., data_dir=..., download=..., validation_size=..., preprocess=..., augment=...,
+                 subset=...),
+      model=_model(),
+      loss=_pick(_loss(), name=..., label_smoothing=..., penalty=..., penalty_strength=..., l1_ratio=...),
+      optimizer=_pick(_optimizer(), name=..., learning_rate=..., momentum=..., weight_decay=...),
+      schedule=_schedule(),
+      loop=_pick(_loop(), batch_size=..., log_every=...),
+      parallel=_pick(_parallel(), num_devices=...),
+      study=dict(space="learning_rate=log:1e-3:3, weight_decay=log:1e-6:1e-1", members=(32, 16), epochs=(1.0, 3.0),
+                 top_k=4, final_top=2, final_seeds=3, final_epochs=5.0, edge=0.1)))
+
+
+def lr_finder() -> ml_collections.ConfigDict:
+  """Learning-rate range test (Smith 2017): the trainer's data, model, loss and optimiser (whose learning rate is
+  what the study sweeps), trained with the rate rising exponentially from study.min_lr to study.max_lr."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset=..., data_dir=..., download=..., validation_size=..., preprocess=..., augment=...,
+                 subset=...),
+      model=_model(), loss=_loss(),
+      optimizer=_pick(_optimizer(), name=..., momentum=..., weight_decay=..., weight_decay_mode=..., clip_norm=...),
+      loop=_pick(_loop(), batch_size=...),
+      study=dict(min_lr=1e-6, max_lr=10.0, steps=200, smooth=0.98, stop_factor=4.0)))
+
+
 SCHEMAS = {"train": train, "activation_stats": activation_stats, "batchnorm_mnist": batchnorm_mnist,
-           "relu_vs_tanh": relu_vs_tanh}
+           "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder}
