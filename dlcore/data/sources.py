@@ -113,15 +113,18 @@ _IDX_HOW = ("pass data_dir (binaries: --config.data.data_dir) with the IDX files
             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not) "
             + _FOLDERS_HOW)
 
+_TFDS_HOW = ("or, with internet, let TFDS fetch it: pip install 'dlcore[tfds]' and pass tfds_download=True "
+             "(binaries: --config.data.download=True); prepared array_record data for TFDS '{}' is read as it is")
+
 _SPECS = {
     "mnist": _Spec((28, 28, 1), tuple(str(i) for i in range(10)), "mnist", 5000,
-                   how_to_get=f"{_IDX_HOW}; or have internet (or prepared array_record data) for TFDS 'mnist'"),
+                   how_to_get=f"{_IDX_HOW}; {_TFDS_HOW.format('mnist')}"),
     "fashion_mnist": _Spec(
         (28, 28, 1),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         "fashion_mnist", 5000, well_known=("/usr/share/datasets/fashion-mnist",),
         how_to_get=(f"{_IDX_HOW}; or `apt-get install dataset-fashion-mnist` (-> /usr/share/datasets/fashion-mnist);"
-                    " or have internet (or prepared array_record data) for TFDS 'fashion_mnist'")),
+                    f" {_TFDS_HOW.format('fashion_mnist')}")),
     "cifar10": _Spec(
         (32, 32, 3),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
@@ -129,7 +132,7 @@ _SPECS = {
         how_to_get=("pass data_dir (binaries: --config.data.data_dir) with cifar-10-batches-py/ (data_batch_1..5, "
                     "test_batch) or cifar-10-python.tar.gz, or cifar-10-batches-bin/ or cifar-10-binary.tar.gz, "
                     f"{_FOLDERS_HOW} (e.g. the extracted CIFAR-10 JPEG q75 proxy, lossy); "
-                    "or have internet (or prepared array_record data) for TFDS 'cifar10'")),
+                    + _TFDS_HOW.format("cifar10"))),
 }
 
 NAMES = tuple(sorted([*_SPECS, "synthetic"]))
@@ -543,7 +546,9 @@ def _from_tfds(name, spec, data_dir, download):
     raise _TfdsUnavailable(f"tensorflow_datasets is not installed ({e})") from e
   data_dir = os.fspath(data_dir) if data_dir is not None else None
   try:
-    sources = {split: tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=download)
+    # array_record: the random-access format data_source reads (TFDS prepares TFRecord when given a data_dir)
+    sources = {split: tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=download,
+                                       builder_kwargs={"file_format": "array_record"})
                for split in ("train", "test")}
     arrays = {}
     for split, source in sources.items():
