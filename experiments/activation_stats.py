@@ -6,7 +6,8 @@ upstream gradient and reports each layer's activation- and weight-gradient std; 
 study.cases (the lecture's) in one table. Written to --workdir:
 
   histograms_<case>.png  every hidden layer's post-activation histogram, one figure per case (histograms.png for
-                         a single case), all panels on one x-range and bins with a log count axis
+                         a single case), every panel labelled, all on one log count axis, bins and x-range, the
+                         same for every case with that nonlinearity
   mean_std.png           per-layer post-activation mean and std (log scale), one line per case
   gradients.png          per-layer activation- and weight-gradient std (log scale), one line per case; only with
                          study.grads
@@ -105,8 +106,8 @@ TICK_SIZE = 8
 
 
 def histogram_range(posts: list[np.ndarray], nonlinearity: str) -> tuple[float, float]:
-  """The x-range shared by every layer's histogram: tanh's and sigmoid's own range, else the extremes over layers
-  (0 included, so relu's dead units sit at the left edge)."""
+  """The x-range shared by every histogram of `posts` (the layers of every case with this nonlinearity): tanh's
+  and sigmoid's own range, else the extremes over them (0 included, so relu's dead units sit at the left edge)."""
   if nonlinearity in BOUNDED_RANGES:
     return BOUNDED_RANGES[nonlinearity]
   finite = [p[np.isfinite(p)] for p in posts]
@@ -115,37 +116,35 @@ def histogram_range(posts: list[np.ndarray], nonlinearity: str) -> tuple[float, 
   return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def histogram_figure(result: dict, bins: int):
-  """One panel per hidden layer, all on the same x-range, bins and log-count y-axis, so a layer whose values
-  collapse to 0 shows as a spike next to the wide histograms of the layers before it."""
+def histogram_figure(result: dict, bins: int, x_range: tuple[float, float] | None = None):
+  """One panel per hidden layer, each with its own axis labels and tick labels, all on one x-range (`x_range`,
+  default `histogram_range` of this case's layers), bins and log-count y-axis, so a layer whose values collapse
+  to 0 shows as a spike next to the wide histograms of the layers (and, given a range shared by the cases, the
+  cases) before it."""
   posts = result["_post"]
-  lo, hi = histogram_range(posts, result["nonlinearity"])
+  lo, hi = x_range or histogram_range(posts, result["nonlinearity"])
   edges = np.linspace(lo, hi, bins + 1)
   cols = min(len(posts), 5)
   rows = -(-len(posts) // cols)
-  fig, axes = common.plt.subplots(rows, cols, figsize=(2.9 * cols + 0.6, 2.3 * rows + 0.9), squeeze=False,
+  fig, axes = common.plt.subplots(rows, cols, figsize=(3.1 * cols + 0.3, 2.7 * rows + 0.5), squeeze=False,
                                   sharex=True, sharey=True, layout="constrained")
   for i, (ax, post) in enumerate(zip(axes.flat, posts)):
     ax.hist(post.ravel(), bins=edges, color="C0")
     ax.set_title(f"layer {i + 1}: std {post.std():.3g}", fontsize=10)
-    ax.tick_params(which="both", labelsize=TICK_SIZE)
+    ax.set_xlabel("post-activation value", fontsize=9)
+    ax.set_ylabel("count (log scale)", fontsize=9)
+    ax.tick_params(which="both", labelsize=TICK_SIZE, labelbottom=True, labelleft=True)
   pad = 0.03 * (hi - lo)  # a spike at either end stays off the frame; neighbouring end tick labels stay apart
   ax.set(xlim=(lo - pad, hi + pad), yscale="log")
   ax.set_ylim(0.7, 2 * max(post.size for post in posts))  # up to a spike of every value in one bin
-  for i, ax in enumerate(axes.flat):
-    if i >= len(posts):
-      ax.axis("off")
-    elif i + cols >= len(posts):  # nothing drawn below this panel: it carries the x tick labels
-      ax.xaxis.set_tick_params(labelbottom=True)
-  fig.get_layout_engine().set(wspace=0.04)
-  fig.supxlabel("post-activation value", fontsize=10)
-  fig.supylabel(f"count of {posts[0].size} values (log scale)", fontsize=10)
-  fig.suptitle(f"post-activation histograms: {result['case']}", fontsize=12)
+  for ax in axes.flat[len(posts):]:
+    ax.axis("off")
+  fig.suptitle(f"post-activation histograms: {result['case']} (each panel: {posts[0].size} values)", fontsize=12)
   return fig
 
 
-def plot_histograms(result: dict, bins: int, path: str) -> None:
-  common.save_figure(histogram_figure(result, bins), path)
+def plot_histograms(result: dict, bins: int, path: str, x_range: tuple[float, float] | None = None) -> None:
+  common.save_figure(histogram_figure(result, bins, x_range), path)
 
 
 class PlainLogFormatter(ticker.LogFormatter):
@@ -277,9 +276,12 @@ def main(argv):
     logging.info("case %d/%d: %s", i + 1, len(cases), case.label)
     result = run_case(case, inputs, hidden, config.seed + 1, study.grads)
     print(f"\n== {case.label} ==\n{layer_table(result, input_stats)}", flush=True)
-    name = "histograms.png" if len(cases) == 1 else f"histograms_{case.slug}.png"
-    plot_histograms(result, study.bins, os.path.join(FLAGS.workdir, name))
     results.append(result)
+  for result, case in zip(results, cases):  # cases with the same nonlinearity share one x-range
+    same = [post for r in results if r["nonlinearity"] == case.nonlinearity for post in r["_post"]]
+    name = "histograms.png" if len(cases) == 1 else f"histograms_{case.slug}.png"
+    plot_histograms(result, study.bins, os.path.join(FLAGS.workdir, name),
+                    histogram_range(same, case.nonlinearity))
 
   if len(cases) > 1:
     header = ["layer"] + [r["case"] for r in results]

@@ -192,10 +192,10 @@ def test_histograms_share_one_x_range_and_bins_so_the_tanh_collapse_shows():
     assert edges[i] == edges[0] and len(edges[i]) == 20
     assert ax.get_yscale() == "log"
     assert ax.get_title().startswith(f"layer {i + 1}: std ")
+    assert ax.get_xlabel() == "post-activation value" and "count" in ax.get_ylabel()
     assert min(t.get_fontsize() for t in ax.get_xticklabels() + ax.get_yticklabels()) >= 8
   # std 0.05 -> 0.003 -> ...: layer 1 spreads over several shared bins, the deeper layers sit in the central two.
   assert np.count_nonzero(counts[0]) > 3 and all(np.count_nonzero(c) <= 2 for c in counts[1:])
-  assert fig.get_supxlabel() == "post-activation value" and "count" in fig.get_supylabel()
   activation_stats.common.plt.close(fig)
 
 
@@ -211,14 +211,25 @@ def test_relu_histograms_span_the_largest_value_over_layers():
     lo, hi = ax.get_xlim()
     assert lo <= 0 < top <= hi < 1.1 * top
   activation_stats.common.plt.close(fig)
+  fig = activation_stats.histogram_figure(result, bins=10, x_range=(0.0, 3 * top))  # a range shared by cases
+  for ax in panels(fig):
+    lo, hi = ax.get_xlim()
+    assert lo <= 0 and 3 * top <= hi < 3.3 * top
+  activation_stats.common.plt.close(fig)
 
 
-def test_histogram_panels_above_an_empty_slot_keep_their_x_tick_labels():
+def test_every_histogram_panel_has_its_own_tick_labels_clear_of_its_neighbours():
   posts = [np.random.default_rng(i).standard_normal((30, 8)) for i in range(7)]
   fig = activation_stats.histogram_figure({"case": "elu x", "nonlinearity": "elu", "_post": posts}, bins=10)
   fig.canvas.draw()
-  labelled = [any(t.get_visible() and t.get_text() for t in ax.get_xticklabels()) for ax in panels(fig)]
-  assert labelled == [False, False, True, True, True, True, True]  # 2 x 5 grid: layers 3-5 have no panel below
+  renderer = fig.canvas.get_renderer()
+  axes = panels(fig)
+  assert len(axes) == 7  # 2 x 5 grid, the last three slots empty
+  for ax in axes:
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+      assert any(t.get_visible() and t.get_text() for t in labels)
+  boxes = [ax.get_tightbbox(renderer) for ax in axes]  # each panel with its labels
+  assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
   activation_stats.common.plt.close(fig)
 
 
