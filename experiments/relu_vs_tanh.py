@@ -1,36 +1,50 @@
-r"""ReLU vs tanh training speed (Krizhevsky et al. 2012, Fig. 1): epochs to 25% training error on CIFAR-10.
+r"""ReLU vs tanh training speed (Krizhevsky et al. 2012, Fig. 1): epochs to 25% training error on CIFAR-10, each
+activation at the learning rate that gets it there fastest.
 
 The claim: a four-layer conv net with ReLUs reaches 25% training error on CIFAR-10 six times faster than the same
-net with tanh (learning rates chosen separately for each, no regularisation). This binary trains the four-layer
-CIFAR ConvNet (`cifar_convnet`) with each of study.activations from the same init family and, per seed, the same
-initial-weights key and the same data order; no dropout, weight decay or penalty. Each activation's learning rate
-is the one of study.lr_grid with the lowest training error after study.sweep_epochs (seed `seed`). Then
-study.seeds runs per activation log the training error after every epoch: the error of the model in eval mode
-over the whole (data.subset) training set, measured the same way for every activation.
+net with tanh, "the learning rates for each network were chosen independently to make training as fast as
+possible"; no regularisation. This binary trains the four-layer CIFAR ConvNet (`cifar_convnet`) with each of
+study.activations. For one activation, every rate of study.lr_grid and every seed train together as one
+population (`dlcore.population`): member (rate, seed) has that seed's initial-weights key and data order, the
+same for every activation and rate. After each epoch every member's training error is measured over the whole
+(data.subset) training set in eval mode; with study.stop_at_target a member that reaches study.target_error
+stops there, and the population stops when every member has reached it or diverged, or at study.max_epochs.
+
+The criterion is the paper's: each activation's rate is the one with the fewest epochs to the target (the mean
+over seeds; a member that never reaches it counts as max_epochs + 1, a diverged one loses), ties going to the
+lower final training error. When the best rate is the lowest or highest tried, the search widens: the rate one
+grid step beyond (the grid's ratio at that end) trains as a new population, until the best rate is interior or
+study.widen_rounds rounds are spent (results.json then says it lies at an edge).
+
+model.init: an initializer for every layer (default lecun_normal), or cuda_convnet, the paper-era cuda-convnet
+layers-18pct initial weights: normal with std 1e-4 for conv1 and 0.01 for conv2, conv3 and the classifier,
+biases 0. Per-layer statistics at initialisation (init_stats.csv, results.json) show what an initialisation does
+to each activation: on 256 training images at the first seed's initial weights, each layer's weight std, output
+std, fraction of saturated (tanh |y| > 0.99) or dead (ReLU y = 0) units, and the std of the cross-entropy
+gradient of its weights, also relative to the weights' std.
 
   python -m experiments.relu_vs_tanh --config.data.data_dir=/tmp/cifar10_proxy --workdir=runs/relu_vs_tanh
-  python -m experiments.relu_vs_tanh --config.data.data_dir=/tmp/cifar10_proxy --config.data.subset=10000 \
-      --config.study.max_epochs=20 --config.study.sweep_epochs=1 --config.study.stop_at_target \
-      --workdir=runs/relu_vs_tanh_quick
+  python -m experiments.relu_vs_tanh --config.data.data_dir=/tmp/cifar10_proxy --config.data.subset=5000 \
+      --config.model.init=cuda_convnet --config.study.max_epochs=15 --workdir=runs/relu_vs_tanh_cuda
 
 Config: experiments/configs/relu_vs_tanh.py (keys: configs/schema.py); override with --config.group.key=value.
 
-Writes to --workdir: config.json, results.json, curves.csv (training error per activation, seed and epoch),
-sweep.csv, training_error.png (the paper's figure: solid for the first activation, dashed for the second, a line
-at the target) and lr_sweep.png; and runs/<activation>_seed<s>_lr<lr>/ per run, each with config.json,
-curve.json, metrics.jsonl, tensorboard/ and checkpoints/ (saved at every epoch end). Running the command again
-skips finished runs and resumes unfinished ones from their last epoch; the runs do not depend on
-study.max_epochs, study.target_error, study.lr_grid or study.seeds, so changing those reuses every compatible run
-(a longer study.max_epochs continues the old runs). A run that differs in anything that changes its computation
-is refused unless --overwrite (which discards every run in --workdir).
+Writes to --workdir: config.json, results.json, curves.csv (training error per activation, rate, seed and epoch),
+rates.csv (epochs to target per activation, rate and seed), init_stats.csv, training_error.png (the paper's
+figure at the chosen rates: solid for the first activation, dashed for the second, a line at the target) and
+lr_search.png (epochs to target against the rate); and runs/<activation>_round<r>/ per population, with
+round.json (its settings and every member's records) and checkpoints/ (the population at every epoch end).
+Running the command again reuses finished populations and resumes unfinished ones from their last epoch (a
+longer study.max_epochs continues them); a population whose settings differ otherwise is refused unless
+--overwrite (which discards every population in --workdir).
 
 results.json: `speedup` is the mean over seeds of (epochs to target of the second activation) / (epochs to
-target of the first), seed i paired with seed i, and `speedup_std` its std over seeds (ddof=1). `speedup_kind`
-says what it is: 'exact' when every run reached the target; 'lower_bound' when some runs of the second activation
-never did (they count as the epochs they ran + 1, so the true ratio is at least this; their best error is
-reported); 'upper_bound' when only runs of the first activation missed it; null with 'undetermined' when both runs
-of a seed missed it or bounds of both directions mix. The same holds per activation for `epochs_to_target_mean`
-(`epochs_kind`). Seconds to target count training steps only (no compile, evaluation or checkpoint time) and
+target of the first), seed i paired with seed i, at each activation's chosen rate, and `speedup_std` its std over
+seeds (ddof=1). `speedup_kind` says what it is: 'exact' when every run reached the target; 'lower_bound' when some
+runs of the second activation never did (they count as the epochs they ran + 1, so the true ratio is at least
+this; their best error is reported); 'upper_bound' when only runs of the first activation missed it; null with
+'undetermined' when both runs of a seed missed it or bounds of both directions mix. The same holds per activation
+for `epochs_to_target_mean` (`epochs_kind`). Seconds count the population's training steps (all its members) and
 depend on the machine's load; epochs and steps do not.
 """
 
@@ -43,14 +57,21 @@ import sys
 import time
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dlcore import activations, checkpoint, checks, data, initializers, loop, optim, parallel, summaries, train
-from . import common, config_lib, train_lib
+from dlcore import (activations, checkpoint, checks, data, initializers, loop, losses, models, optim, population,
+                    stats)
+from . import common, config_lib
 from .configs import schema
 
 PAPER_SPEEDUP = 6.0
 LINESTYLES = ("-", "--", ":", "-.")
+# The paper-era cuda-convnet layers-18pct initial weights: std per layer (biases 0).
+CUDA_CONVNET_STD = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "classifier": 0.01}
+INITS = ("cuda_convnet", *initializers.NAMES)
+STATS_IMAGES = 256
 
 FLAGS = flags.FLAGS
 
@@ -72,7 +93,7 @@ def _floats(flag: str, items) -> list[float]:
     raise ValueError(f"{flag} must list at least one value")
   if len(set(values)) != len(values):
     raise ValueError(f"{flag} lists a value twice: {list(items)}")
-  return values
+  return sorted(values)
 
 
 # The study's own names for its config keys (configs/schema.py).
@@ -80,7 +101,7 @@ KEYS = {
     "activations": "study.activations",
     "init": "model.init",
     "lr_grid": "study.lr_grid",
-    "sweep_epochs": "study.sweep_epochs",
+    "widen_rounds": "study.widen_rounds",
     "target_error": "study.target_error",
     "dataset": "data.dataset",
     "data_dir": "data.data_dir",
@@ -91,8 +112,6 @@ KEYS = {
     "optimizer": "optimizer.name",
     "momentum": "optimizer.momentum",
     "stop_at_target": "study.stop_at_target",
-    "resident": "data.resident",
-    "steps_per_call": "loop.steps_per_call",
 }
 
 
@@ -109,14 +128,18 @@ def validate(study: dict) -> dict:
     raise ValueError(f"study.activations lists an activation twice: {study['activations']}")
   study["activations"] = acts
   study["lr_grid"] = _floats("study.lr_grid", study["lr_grid"])
-  checks.one_of("model.init", study["init"], initializers.NAMES)
+  checks.one_of("model.init", study["init"], INITS)
+  if study["init"] == "lsuv":
+    raise ValueError("model.init='lsuv' is not supported here (its scale depends on data per member); valid: "
+                     + ", ".join(i for i in INITS if i != "lsuv"))
   checks.one_of("data.dataset", study["dataset"], data.NAMES)
   checks.one_of("data.preprocess", study["preprocess"], data.preprocess.METHODS)
   checks.one_of("optimizer.name", study["optimizer"], optim.OPTIMIZERS)
-  for name in ("sweep_epochs", "max_epochs", "batch"):
+  for name in ("max_epochs", "batch"):
     checks.positive(f"{KEYS[name]}", study[name])
+  if not isinstance(study["widen_rounds"], int) or study["widen_rounds"] < 0:
+    raise ValueError(f"study.widen_rounds must be an integer >= 0, got {study['widen_rounds']!r}")
   checks.non_negative("data.subset", study["subset"])
-  checks.non_negative("loop.steps_per_call", study["steps_per_call"])
   if not study["seeds"] or min(study["seeds"]) < 0:
     raise ValueError(f"seed must be >= 0 and study.seeds >= 1, got seeds {study['seeds']}")
   checks.in_range("study.target_error", study["target_error"], 0.0, 1.0, low_open=True, high_open=True)
@@ -143,31 +166,67 @@ def study_from_config(config) -> dict:
   return validate(study)
 
 
-def run_config(study: dict, activation: str, seed: int, lr: float):
-  """One run's settings as a trainer config: everything that changes what it computes.
-
-  Every key that build_state reads is pinned here, so a change of the trainer's defaults cannot change a run.
-  """
-  config = schema.train()
-  config.seed = seed
-  config.data.update(dataset=study["dataset"], data_dir=study["data_dir"], subset=study["subset"],
-                     preprocess=study["preprocess"], augment="", validation_size=0, resident=study["resident"])
-  config.model.update(name="cifar_convnet", activation=activation, init=study["init"], init_scale=None,
-                      batchnorm="none", keep_prob=1.0)  # no regularisation, as in the paper's comparison
-  config.loss.update(name="cross_entropy", label_smoothing=0.0, penalty="none", penalty_strength=0.0)
-  config.optimizer.update(name=study["optimizer"], learning_rate=lr, momentum=study["momentum"], weight_decay=0.0,
-                          weight_decay_mode="decoupled", clip_norm=None)
-  config.schedule.name = "constant"
-  config.loop.update(batch_size=study["batch"], steps_per_call=study["steps_per_call"])
-  return config
+# ---------------------------------------------------------------------------------------------------------------
+# The model, its initialisation and its statistics there.
 
 
-def run_name(activation: str, seed: int, lr: float) -> str:
-  return f"{activation}_seed{seed}_lr{lr:g}"
+def build_model(init: str, activation: str, num_classes: int):
+  """The four-layer ConvNet with no regularisation; cuda_convnet builds with std 0.01 everywhere (conv1 is
+  rescaled by `cuda_convnet_params`)."""
+  if init == "cuda_convnet":
+    return models.get("cifar_convnet", activation=activation, initializer="normal",
+                      init_scale=CUDA_CONVNET_STD["conv2"], num_classes=num_classes, batchnorm="none", keep_prob=1.0)
+  return models.get("cifar_convnet", activation=activation, initializer=init, num_classes=num_classes,
+                    batchnorm="none", keep_prob=1.0)
+
+
+def cuda_convnet_params(params: dict) -> dict:
+  """Params drawn with std 0.01 everywhere, conv1's kernel rescaled to std 1e-4 (any leading member axes)."""
+  scale = CUDA_CONVNET_STD["conv1"] / CUDA_CONVNET_STD["conv2"]
+  conv1 = {**params["conv1"], "linear": {**params["conv1"]["linear"],
+                                         "kernel": params["conv1"]["linear"]["kernel"] * scale}}
+  return {**params, "conv1": conv1}
+
+
+def create_population(study: dict, activation: str, members: list[tuple[float, int]], sample: np.ndarray,
+                      num_classes: int) -> population.Population:
+  """The population of (rate, seed) members at initialisation."""
+  pop = population.create(build_model(study["init"], activation, num_classes), sample, optimizer=study["optimizer"],
+                          learning_rate=[lr for lr, _ in members], momentum=study["momentum"],
+                          seed=[seed for _, seed in members])
+  if study["init"] == "cuda_convnet":
+    pop = pop.replace(state=pop.state.replace(params=cuda_convnet_params(pop.state.params)))
+  return pop
+
+
+def init_statistics(study: dict, activation: str, dataset: data.Dataset) -> list[dict]:
+  """Per layer at the first seed's initial weights, on the first STATS_IMAGES training images: weight std, output
+  std, saturated (tanh, sigmoid) or dead (ReLU family) fraction, std of the cross-entropy gradient of the
+  weights and its ratio to the weight std."""
+  images = jnp.asarray(dataset.train.images[:STATS_IMAGES])
+  labels = jnp.asarray(dataset.train.labels[:STATS_IMAGES])
+  pop = create_population(study, activation, [(1.0, study["seeds"][0])], np.asarray(images[:2]),
+                          dataset.num_classes)
+  state = population.member(pop, 0)
+  model = build_model(study["init"], activation, dataset.num_classes)
+  loss_fn = losses.get("cross_entropy")
+  grads = jax.grad(lambda p: loss_fn(model.apply({"params": p}, images), labels))(state.params)
+  rows = []
+  for layer in stats.activations(model, {"params": state.params}, images):
+    name = layer["name"]
+    weight = np.asarray(state.params[name]["linear"]["kernel"])
+    weight_grad = np.asarray(grads[name]["linear"]["kernel"])
+    unit = activation if name != "classifier" else "identity"
+    rows.append({"activation": activation, "layer": name, "weight_std": float(weight.std()),
+                 "output_std": float(np.asarray(layer["post"]).std()),
+                 "saturated_or_dead": stats.saturation(layer["post"], unit) if unit != "identity" else None,
+                 "weight_grad_std": float(weight_grad.std()),
+                 "grad_to_weight": float(weight_grad.std() / weight.std())})
+  return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data, loaded only when some run has to train.
+# Data, loaded only when some population has to train.
 
 
 class LazyData:
@@ -205,7 +264,7 @@ def data_title(source: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One run: train epoch by epoch, evaluate the training error, checkpoint; skip when done, resume when not.
+# One population: train epoch by epoch, evaluate every member's training error, checkpoint; resume.
 
 
 def reached(record: dict, target: float) -> bool:
@@ -213,129 +272,159 @@ def reached(record: dict, target: float) -> bool:
 
 
 def finished(records: list[dict], epochs: int, stop_at_target: bool, target: float) -> bool:
-  """Whether `records` already answer a request for `epochs` epochs."""
+  """Whether one member's `records` already answer a request for `epochs` epochs."""
   records = records[:epochs]
   return (len(records) >= epochs or any(r["diverged"] for r in records)
           or (stop_at_target and any(reached(r, target) for r in records)))
 
 
-def _compiled(cache: dict, config: dict, dataset: data.Dataset, state, mesh, batches, eval_batches):
-  """(apply_fn, tx, train step, eval step, jitted train step) for the run's settings, compiled once for every seed.
-
-  `cache` (one per study, made by `run_study`) maps model/optimiser settings and shapes to those five (the
-  jitted step is what the device-resident path inlines into its own program).
-
-  Runs that differ only in the seed or the data build equal models and optimisers; giving their states the first
-  run's `apply_fn` and `tx` objects (static fields, part of the compiled functions' signature) lets the
-  ahead-of-time compiled steps serve every seed, and keeps compile time out of the timings.
-  """
-  data_only = ("seed", "data.dataset", "data.data_dir", "data.subset", "data.preprocess")  # values, not code
-  key = (json.dumps({k: v for k, v in config_lib.flat(config).items() if k not in data_only}, sort_keys=True),
-         dataset.image_shape,
-         dataset.num_classes, mesh.size)
-  if key not in cache:
-    put = lambda batch: parallel.shard_batch(batch, mesh)
-    step_fn = parallel.compile_train_step(train.make_train_step("cross_entropy"), mesh, state)
-    eval_fn = parallel.compile_eval_step(train.make_eval_step("cross_entropy"), mesh)
-    cache[key] = (state.apply_fn, state.tx, step_fn.lower(state, put(batches.batch_at(0))).compile(),
-                  eval_fn.lower(state, put(eval_batches.batch_at(0))).compile(), step_fn)
-  return cache[key]
+# What a population's results depend on (study.max_epochs only says how long it trains).
+ROUND_KEYS = ("init", "dataset", "data_dir", "subset", "preprocess", "batch", "optimizer", "momentum",
+              "target_error", "stop_at_target")
 
 
-def train_run(study: dict, activation: str, seed: int, lr: float, epochs: int, stop_at_target: bool,
-              run_dir: str, lazy_data: LazyData, log, label: str, compiled: dict) -> dict:
-  """Trains (or resumes, or reuses) one run to `epochs` epochs; returns its curve.json dict, cut to `epochs`."""
-  config = run_config(study, activation, seed, lr)
-  target = study["target_error"]
-  train_lib.check_workdir(run_dir, config, overwrite=False)
-  curve_path = os.path.join(run_dir, "curve.json")
-  curve = None
-  if os.path.exists(curve_path):
-    with open(curve_path) as f:
-      curve = json.load(f)
-  if curve is not None and finished(curve["records"], epochs, stop_at_target, target):
-    log(f"{label}: finished before ({len(curve['records'])} epochs logged); reusing it")
-    return {**curve, "records": curve["records"][:epochs]}
+def train_round(study: dict, activation: str, rates: list[float], run_dir: str, lazy_data: LazyData, log,
+                label: str) -> dict:
+  """Trains (or resumes, or reuses) the population of `rates` x the study's seeds; returns its round.json dict
+  ({'settings', 'members': [{'learning_rate', 'seed', 'records'}], 'steps_per_epoch', ...}), records cut to
+  study.max_epochs."""
+  epochs, target, stop = study["max_epochs"], study["target_error"], study["stop_at_target"]
+  members = [(lr, seed) for lr in rates for seed in study["seeds"]]
+  settings = {"activation": activation, "rates": rates, "seeds": study["seeds"],
+              **{k: study[k] for k in ROUND_KEYS}}
+  path = os.path.join(run_dir, "round.json")
+  saved = None
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved["settings"] != settings:
+      diff = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                       if saved["settings"].get(k) != v)
+      raise ValueError(f"{run_dir} holds a population with other settings ({diff}); pass --overwrite to discard "
+                       "every population, or use another --workdir")
+    if all(finished(m["records"], epochs, stop, target) for m in saved["members"]):
+      log(f"{label}: finished before ({len(saved['members'][0]['records'])} epochs logged); reusing it")
+      return {**saved, "members": [{**m, "records": m["records"][:epochs]} for m in saved["members"]]}
 
   dataset = lazy_data.get()
-  mesh = parallel.make_mesh(None)
-  parallel.check_batch_size(config.loop.batch_size, mesh)
-  steps_per_epoch, _ = train_lib.plan_steps(config, len(dataset.train))
-  batches = data.TrainBatches(dataset.train, config.loop.batch_size, seed=seed)
-  eval_batches = data.EvalBatches(dataset.train, config.loop.batch_size)
-  put = lambda batch: parallel.shard_batch(batch, mesh)
+  k, batch_size = len(members), study["batch"]
+  steps_per_epoch = len(dataset.train) // batch_size
+  orders = {seed: data.TrainBatches(dataset.train, batch_size, seed=seed) for seed in study["seeds"]}
   start = time.perf_counter()
-  state = parallel.replicate(train_lib.build_state(config, dataset, batches.batch_at(0)["image"]), mesh)
-  apply_fn, tx, step_fn, eval_fn, jitted_step = _compiled(compiled, config, dataset, state, mesh, batches,
-                                                           eval_batches)
-  state = state.replace(apply_fn=apply_fn, tx=tx)
-  source = train_lib.training_source(batches, mesh, resident=config.data.resident,
-                                     steps_per_call=config.loop.steps_per_call, log=lambda m: log(f"{label}: {m}"))
-  if source is not batches:
-    source.compile(jitted_step, state)
-    log(f"{label}: device-resident data: {source.steps_per_call} step(s) per call ({source.why})")
-  compile_seconds = time.perf_counter() - start
-
+  pop = create_population(study, activation, members, orders[members[0][1]].batch_at(0)["image"],
+                          dataset.num_classes)
+  # On CPU a vmapped convolution is a grouped convolution, much slower than the members one after another
+  step_fn = jax.jit(population.make_train_step(per_member_batches=True,
+                                               vectorize=jax.default_backend() != "cpu"), donate_argnums=0)
+  eval_fn = jax.jit(population.make_eval_step())
+  eval_batches = data.EvalBatches(dataset.train, batch_size)
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1, keep_best=False,
                                  best_metric="train_error", best_mode="min")
-  writer = summaries.MetricWriter(run_dir)
-  records = []
+  records = [[] for _ in members]
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+    restored, meta = ckpt.restore(pop.state.replace(step=0))
+    pop = pop.replace(state=restored.replace(step=jnp.asarray(meta["member_steps"], pop.state.step.dtype)),
+                      active=jnp.asarray(meta["active"]), diverged_at=jnp.asarray(meta["diverged_at"], jnp.int32))
     records = meta["records"]
-    writer.truncate_after(int(state.step))
-    log(f"{label}: resumed from epoch {len(records)} (step {int(state.step)})")
-  common.write_json(os.path.join(run_dir, "config.json"), config_lib.to_json_dict(config, train_lib.BINARY))
-  curve = {"config": config.to_dict(), "data_source": dataset.source, "train_examples": len(dataset.train),
-           "train_examples_total": lazy_data.total_train, "steps_per_epoch": steps_per_epoch,
-           "compile_seconds": compile_seconds, "records": records}
+    log(f"{label}: resumed from epoch {len(records[0])}")
+  os.makedirs(run_dir, exist_ok=True)
+  out = {"settings": settings, "steps_per_epoch": steps_per_epoch, "train_examples": len(dataset.train),
+         "train_examples_total": lazy_data.total_train, "data_source": dataset.source,
+         "setup_seconds": time.perf_counter() - start}
+  log(f"{label}: {k} members (rates {', '.join(f'{r:g}' for r in rates)} x seeds {study['seeds']}), "
+      f"{steps_per_epoch} steps of {batch_size} per epoch")
 
   session_start, session_epochs = time.perf_counter(), 0
-  for epoch in range(len(records) + 1, epochs + 1):
+  for epoch in range(len(records[0]) + 1, epochs + 1):
+    if all(finished(r, epochs, stop, target) for r in records):
+      break
     t0 = time.perf_counter()
-    loss_sum, step, end = None, (epoch - 1) * steps_per_epoch, epoch * steps_per_epoch
-    if source is not batches:  # device-resident: up to K steps per call, the same batches and sums
-      sums = None
-      while step < end:
-        calls = min(source.steps_per_call, end - step)
-        state, sums = source.run(jitted_step, state, sums, step, calls)
-        step += calls
-      loss_sum = sums["loss"]
-    for step in range(step, end):
-      state, metrics = step_fn(state, put(batches.batch_at(step)))
+    loss_sum = None
+    for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
+      by_seed = {seed: order.batch_at(step) for seed, order in orders.items()}
+      batch = {key: np.stack([by_seed[seed][key] for _, seed in members]) for key in ("image", "label")}
+      pop, metrics = step_fn(pop, batch)
       loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
-    step_loss = float(loss_sum) / steps_per_epoch  # waits for the last step
+    step_loss = np.asarray(loss_sum) / steps_per_epoch  # waits for the last step
     train_seconds = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    ev = loop.evaluate(state, eval_fn, eval_batches, put)
-    eval_seconds = time.perf_counter() - t1
-    diverged = not (math.isfinite(step_loss) and math.isfinite(ev["loss"]))
-    previous = records[-1]["cum_train_seconds"] if records else 0.0
-    record = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_error": 1.0 - ev["accuracy"],
-              "train_loss": ev["loss"], "step_loss": step_loss, "diverged": diverged,
-              "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-              "cum_train_seconds": previous + train_seconds,
-              "images_per_sec": steps_per_epoch * config.loop.batch_size / train_seconds}
-    records.append(record)
-    if not diverged:
-      ckpt.save(state, metrics={"train_error": record["train_error"]}, metadata={"records": records}, force=True)
-    writer.write(record["step"], "train_eval", {k: record[k] for k in ("train_error", "train_loss", "step_loss",
-                                                                       "images_per_sec")})
-    common.write_json(curve_path, curve)
+    sums = None
+    for batch in eval_batches:
+      result = eval_fn(pop, batch)
+      sums = result if sums is None else jax.tree.map(lambda a, b: a + b, sums, result)
+    sums = jax.device_get(sums)
+    diverged = np.asarray(pop.diverged_at) >= 0
+    previous = records[0][-1]["cum_train_seconds"] if records[0] else 0.0
+    for m in range(k):
+      records[m].append({
+          "epoch": epoch, "step": epoch * steps_per_epoch,
+          "train_error": float(1.0 - sums["correct"][m] / sums["count"][m]),
+          "train_loss": _finite(sums["loss_sum"][m] / sums["count"][m]), "step_loss": _finite(step_loss[m]),
+          "diverged": bool(diverged[m]), "cum_train_seconds": previous + train_seconds,
+          "images_per_sec": k * steps_per_epoch * batch_size / train_seconds})
+    if stop:
+      done = [m for m in range(k) if reached(records[m][-1], target)]
+      if done:
+        pop = population.freeze(pop, done)
+    meta = {"records": records, "member_steps": np.asarray(pop.state.step).tolist(),
+            "active": np.asarray(pop.active).tolist(), "diverged_at": np.asarray(pop.diverged_at).tolist()}
+    ckpt.save(pop.state.replace(step=epoch * steps_per_epoch), metadata=meta, force=True)
+    out["members"] = [{"learning_rate": lr, "seed": seed, "records": records[m]}
+                      for m, (lr, seed) in enumerate(members)]
+    common.write_json(path, out)
     session_epochs += 1
     per_epoch = (time.perf_counter() - session_start) / session_epochs
-    log(f"{label}  epoch {epoch}/{epochs}  train error {record['train_error']:.4f}  loss {record['train_loss']:.4f}"
-        f"  {record['images_per_sec']:.0f} img/s  ETA {loop.format_eta(per_epoch * (epochs - epoch))}"
-        + ("  DIVERGED (non-finite loss): stopping this run" if diverged else ""))
-    if diverged or (stop_at_target and reached(record, target)):
-      break
+    errors = "  ".join(f"{lr:g}/seed {seed}: " + ("diverged" if records[m][-1]["diverged"] else
+                                                   f"{records[m][-1]['train_error']:.3f}")
+                       for m, (lr, seed) in enumerate(members))
+    log(f"{label}  epoch {epoch}/{epochs}  train error {errors}  "
+        f"{records[0][-1]['images_per_sec']:.0f} img/s  ETA {loop.format_eta(per_epoch * (epochs - epoch))}")
   ckpt.close()
-  writer.close()
-  return {**curve, "records": records[:epochs]}
+  out["members"] = [{"learning_rate": lr, "seed": seed, "records": records[m]} for m, (lr, seed) in enumerate(members)]
+  common.write_json(path, out)
+  return {**out, "members": [{**m, "records": m["records"][:epochs]} for m in out["members"]]}
+
+
+def _finite(value) -> float | None:
+  value = float(value)
+  return value if math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Analysis: epochs to target, ratios with bounds.
+# Analysis: epochs to target, the rate search, ratios with bounds.
+
+
+def rate_table(rounds: list[dict], target: float, max_epochs: int) -> list[dict]:
+  """Per rate tried (sorted): epochs to target per seed, their mean with misses counted as max_epochs + 1 (the
+  search's score), whether any seed diverged, and the mean final training error."""
+  rows = []
+  for r, round_ in enumerate(rounds):
+    for lr in round_["settings"]["rates"]:
+      members = [m for m in round_["members"] if m["learning_rate"] == lr]
+      epochs = [epochs_to_target(m["records"], target) for m in members]
+      rows.append({"learning_rate": lr, "round": r, "seeds": [m["seed"] for m in members], "epochs_to_target": epochs,
+                   "score": float(np.mean([max_epochs + 1 if e is None else e for e in epochs])),
+                   "diverged": any(rec["diverged"] for m in members for rec in m["records"]),
+                   "final_train_error": float(np.mean([m["records"][-1]["train_error"] for m in members]))})
+  return sorted(rows, key=lambda row: row["learning_rate"])
+
+
+def choose_rate(table: list[dict]) -> tuple[float | None, str | None]:
+  """(the fastest rate: fewest mean epochs to target, then lowest final error, then the lower rate; the end of the
+  rates tried it lies at, 'low' / 'high', or None when interior). (None, 'low') when every rate diverged."""
+  ok = [row for row in table if not row["diverged"]]
+  if not ok:
+    return None, "low"
+  best = min(ok, key=lambda row: (row["score"], row["final_train_error"], row["learning_rate"]))["learning_rate"]
+  rates = [row["learning_rate"] for row in table]
+  return best, "low" if best == rates[0] else "high" if best == rates[-1] else None
+
+
+def next_rate(table: list[dict], side: str) -> float:
+  """One grid step beyond the `side` end of the rates tried (the ratio of the two rates there; 3 for one rate)."""
+  rates = [row["learning_rate"] for row in table]
+  if side == "high":
+    return rates[-1] * (rates[-1] / rates[-2] if len(rates) > 1 else 3.0)
+  return rates[0] / (rates[1] / rates[0] if len(rates) > 1 else 3.0)
 
 
 def epochs_to_target(records: list[dict], target: float) -> int | None:
@@ -446,10 +535,14 @@ def verdict(results: dict) -> str:
   """One paragraph: the data, the setting, epochs to target, the ratio and how it compares with the paper's."""
   s, acts, target = results["settings"], results["settings"]["activations"], results["target_error"]
   per_act = results["activations"]
-  lrs = ", ".join(f"{a} {per_act[a]['learning_rate']:g}" for a in acts)
+  lrs = ", ".join(f"{a} {per_act[a]['learning_rate']:g}" + ("" if results["search"][a]["interior"] else
+                                                             f" (at the {results['search'][a]['edge']} edge of "
+                                                             "the rates tried)") for a in acts)
+  tried = "; ".join(f"{a}: " + ", ".join(f"{row['learning_rate']:g}" for row in results["search"][a]["rates"])
+                    for a in acts)
   text = [f"Data: {results['data']}. The four-layer CIFAR ConvNet (Krizhevsky et al. 2012 Fig. 1; no LRN, no "
-          f"regularisation), {s['init']} init for all, {s['optimizer']} (momentum {s['momentum']:g}), batch "
-          f"{s['batch']}, learning rates from a {s['sweep_epochs']}-epoch sweep over {s['lr_grid']}: {lrs}."]
+          f"regularisation), {s['init']} init, {s['optimizer']} (momentum {s['momentum']:g}), batch "
+          f"{s['batch']}, each activation at its fastest rate to the target (rates tried: {tried}): {lrs}."]
   for a in acts:
     st = per_act[a]
     each = ", ".join("not reached" if e is None else str(e) for e in st["epochs_to_target"])
@@ -486,7 +579,7 @@ def verdict(results: dict) -> str:
 
 
 def plot_curves(results: dict, curves: dict, path: str) -> None:
-  """Training error vs epochs: first activation solid, second dashed (then dotted, dash-dot), target line."""
+  """Training error vs epochs at the chosen rates: first activation solid, second dashed, target line."""
   acts = results["settings"]["activations"]
   fig, ax = common.plt.subplots(figsize=(7, 5), layout="constrained")
   for i, act in enumerate(acts):
@@ -499,30 +592,46 @@ def plot_curves(results: dict, curves: dict, path: str) -> None:
   ax.axhline(results["target_error"], color="gray", linewidth=1, linestyle=":",
              label=f"target {results['target_error']:g}")
   ax.set(xlabel="epochs", ylabel="training error", ylim=(0, None), xlim=(0, None),
-         title=f"Four-layer ConvNet, {results['data_title']}, {results['train_examples']} training examples")
+         title=f"Four-layer ConvNet, {results['data_title']}, {results['train_examples']} training examples, "
+               f"{results['settings']['init']} init")
+  ax.title.set_fontsize(10)
   ax.legend(fontsize=8)
   common.save_figure(fig, path)
 
 
-def plot_sweep(results: dict, path: str) -> None:
-  fig, ax = common.plt.subplots(figsize=(6, 4), layout="constrained")
-  for i, act in enumerate(results["settings"]["activations"]):
-    rows = sorted(results["sweep"][act], key=lambda r: r["learning_rate"])
-    ax.plot([r["learning_rate"] for r in rows], [1.0 if r["diverged"] else r["train_error"] for r in rows],
-            LINESTYLES[i % len(LINESTYLES)], marker="o", label=act)
+def plot_search(results: dict, path: str) -> None:
+  """Mean epochs to target against the rate, per activation; a rate some seed never got there with is drawn
+  hollow (a lower bound), a diverged rate as x at the top, the chosen rate as a star."""
+  s = results["settings"]
+  top = s["max_epochs"] + 1
+  fig, ax = common.plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+  for i, act in enumerate(s["activations"]):
+    rows = results["search"][act]["rates"]
+    color = f"C{i}"
+    ok = [r for r in rows if not r["diverged"]]
+    ax.plot([r["learning_rate"] for r in ok], [r["score"] for r in ok], LINESTYLES[i % len(LINESTYLES)],
+            color=color, label=act)
+    for r in ok:
+      full = all(e is not None for e in r["epochs_to_target"])
+      ax.plot([r["learning_rate"]], [r["score"]], "o", color=color, markerfacecolor=color if full else "white")
+    gone = [r["learning_rate"] for r in rows if r["diverged"]]
+    if gone:
+      ax.plot(gone, [top] * len(gone), "x", color=color, markersize=9)
     chosen = results["activations"][act]["learning_rate"]
-    ax.plot([chosen], [next(r["train_error"] for r in rows if r["learning_rate"] == chosen)], "k*", markersize=12)
-  ax.set(xscale="log", xlabel="learning rate", ylabel=f"training error after {results['settings']['sweep_epochs']} "
-         "epoch(s)", title="learning-rate sweep (star: chosen; diverged plotted at 1)")
+    ax.plot([chosen], [next(r["score"] for r in rows if r["learning_rate"] == chosen)], "*", color="k",
+            markersize=14)
+  ax.axhline(top, color="gray", linewidth=0.8, linestyle=":")
+  ax.set(xscale="log", xlabel="learning rate", ylabel=f"epochs to {s['target_error']:.0%} training error (mean)",
+         ylim=(0, top + 1), title=f"rate search (star: chosen; hollow: some seed missed it within {s['max_epochs']}, "
+                                  f"counted as {top}; x: diverged)")
+  ax.title.set_fontsize(9)
   ax.legend()
   common.save_figure(fig, path)
 
 
 def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) -> dict:
-  """The sweep, the seeded runs and the analysis; writes every output to `workdir` and returns results.json's dict.
-
-  `study` holds the study's settings (see `validate`; `seeds` is the list of seeds).
-  """
+  """The rate searches, the speed-up and the statistics at initialisation; writes every output to `workdir`
+  and returns results.json's dict. `study` holds the study's settings (see `validate`; `seeds`: the seeds)."""
   study = validate(study)
   runs_dir = os.path.join(workdir, "runs")
   if overwrite and os.path.isdir(runs_dir):
@@ -530,49 +639,48 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
   os.makedirs(workdir, exist_ok=True)
   common.write_json(os.path.join(workdir, "settings.json"), study)
   lazy_data = LazyData(study, log)
-  compiled = {}  # compiled steps shared by the runs of this study (see _compiled)
-  acts, seeds, grid, target = study["activations"], study["seeds"], study["lr_grid"], study["target_error"]
-  sweep_seed = seeds[0]
-  total = len(acts) * len(grid) + len(acts) * len(seeds)
-  counter = iter(range(1, total + 1))
-  curves_by_dir = {}
+  acts, seeds, target, max_epochs = study["activations"], study["seeds"], study["target_error"], study["max_epochs"]
 
-  def run(act, seed, lr, epochs, stop, phase):
-    run_dir = os.path.join(runs_dir, run_name(act, seed, lr))
-    label = f"[{next(counter)}/{total} {phase}] {act} seed {seed} lr {lr:g}"
-    curve = train_run(study, act, seed, lr, epochs, stop, run_dir, lazy_data, log, label, compiled)
-    curves_by_dir[run_dir] = curve
-    return run_dir, curve
-
-  # 1. Learning-rate sweep on the first seed: lowest training error after sweep_epochs (diverged runs lose).
-  sweep, chosen = {}, {}
+  search, rounds_by_act = {}, {}
   for act in acts:
-    rows = []
-    for lr in grid:
-      _, curve = run(act, sweep_seed, lr, study["sweep_epochs"], False, "sweep")
-      last = curve["records"][-1]
-      rows.append({"learning_rate": lr, "train_error": last["train_error"], "epochs": len(curve["records"]),
-                   "diverged": last["diverged"]})
-    sweep[act] = rows
-    ok = [r for r in rows if not r["diverged"]]
-    if not ok:
-      raise ValueError(f"every study.lr_grid rate {grid} diverged for activation {act!r}; use smaller rates")
-    chosen[act] = min(ok, key=lambda r: (r["train_error"], r["learning_rate"]))["learning_rate"]
-    log(f"learning rate for {act}: {chosen[act]:g} (training error after {study['sweep_epochs']} epoch(s): "
-        + ", ".join(f"{r['learning_rate']:g}: {'diverged' if r['diverged'] else format(r['train_error'], '.4f')}"
-                    for r in rows) + ")")
+    rounds, rates = [], study["lr_grid"]
+    while True:
+      label = f"[{act} round {len(rounds)}]"
+      rounds.append(train_round(study, act, rates, os.path.join(runs_dir, f"{act}_round{len(rounds)}"), lazy_data,
+                                log, label))
+      table = rate_table(rounds, target, max_epochs)
+      chosen, side = choose_rate(table)
+      if chosen is None:
+        raise ValueError(f"every learning rate tried for {act} diverged ({[r['learning_rate'] for r in table]}); "
+                         "use smaller study.lr_grid rates")
+      if side is None or len(rounds) > study["widen_rounds"]:
+        break
+      rates = [next_rate(table, side)]
+      log(f"{act}: the fastest rate {chosen:g} is the {'lowest' if side == 'low' else 'highest'} tried; widening "
+          f"the search to {rates[0]:g}")
+    search[act] = {"rates": table, "chosen": chosen, "interior": side is None, "edge": side, "rounds": len(rounds)}
+    rounds_by_act[act] = rounds
+    where = "interior" if side is None else f"still at the {side} edge after {len(rounds) - 1} widening round(s)"
+    log(f"learning rate for {act}: {chosen:g} ({where}; " + ", ".join(
+        f"{r['learning_rate']:g}: {r['score']:.1f} epochs" + (" (diverged)" if r["diverged"] else "") for r in table)
+        + ")")
 
-  # 2. The seeded runs, paired by seed (the first seed continues its sweep run).
   runs, curves = [], {}
   for seed in seeds:
     for act in acts:
-      run_dir, curve = run(act, seed, chosen[act], study["max_epochs"], study["stop_at_target"], "main")
-      runs.append(summarize_run(curve, act, seed, chosen[act], target, os.path.relpath(run_dir, workdir)))
-      curves[(act, seed)] = curve["records"]
+      lr = search[act]["chosen"]
+      r, member = next((r, m) for r, round_ in enumerate(rounds_by_act[act]) for m in round_["members"]
+                       if m["learning_rate"] == lr and m["seed"] == seed)
+      round_ = rounds_by_act[act][r]
+      curve = {"records": member["records"], "steps_per_epoch": round_["steps_per_epoch"]}
+      runs.append(summarize_run(curve, act, seed, lr, target, os.path.join("runs", f"{act}_round{r}")))
+      curves[(act, seed)] = member["records"]
 
-  first = next(iter(curves_by_dir.values()))
+  first = rounds_by_act[acts[0]][0]
   source, n = first["data_source"], first["train_examples"]
   title = data_title(source)
+  dataset = lazy_data.get()
+  init_stats = [row for act in acts for row in init_statistics(study, act, dataset)]
   results = {
       "claim": ("Krizhevsky et al. 2012 Fig. 1: a four-layer CNN with ReLUs reaches 25% training error on "
                 "CIFAR-10 six times faster than the same network with tanh"),
@@ -581,9 +689,9 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
       "data_title": title, "data_source": source, "train_examples": n,
       "train_examples_total": first["train_examples_total"],
       "steps_per_epoch": first["steps_per_epoch"], "target_error": target, "settings": study,
-      "learning_rates": chosen, "sweep": sweep, "runs": runs,
+      "learning_rates": {a: search[a]["chosen"] for a in acts}, "search": search, "runs": runs,
       "activations": {a: summarize_activation([r for r in runs if r["activation"] == a]) for a in acts},
-      "reference": acts[0], "paper_speedup": PAPER_SPEEDUP,
+      "reference": acts[0], "paper_speedup": PAPER_SPEEDUP, "init_stats": init_stats,
   }
   results["speedups"] = {a: summarize_speedup([r for r in runs if r["activation"] == a],
                                               [r for r in runs if r["activation"] == acts[0]]) for a in acts[1:]}
@@ -593,20 +701,25 @@ def run_study(study: dict, workdir: str, *, overwrite: bool = False, log=print) 
   results["speedup_kind"] = main["kind"] if main else None
   results["verdict"] = verdict(results)
 
-  header = ["activation", "seed", "learning_rate", "epoch", "step", "train_error", "train_loss", "step_loss",
-            "cum_train_seconds", "diverged"]
-  rows = [[a, s, chosen[a], r["epoch"], r["step"], r["train_error"], r["train_loss"], r["step_loss"],
-           r["cum_train_seconds"], r["diverged"]] for (a, s), recs in curves.items() for r in recs]
+  header = ["activation", "learning_rate", "seed", "chosen", "epoch", "step", "train_error", "train_loss",
+            "step_loss", "cum_train_seconds", "diverged"]
+  rows = [[a, m["learning_rate"], m["seed"], m["learning_rate"] == search[a]["chosen"], r["epoch"], r["step"],
+           r["train_error"], r["train_loss"], r["step_loss"], r["cum_train_seconds"], r["diverged"]]
+          for a in acts for round_ in rounds_by_act[a] for m in round_["members"] for r in m["records"]]
   common.write_csv(os.path.join(workdir, "curves.csv"), header, rows)
-  sweep_rows = []
-  for a in acts:
-    for lr in grid:
-      recs = curves_by_dir[os.path.join(runs_dir, run_name(a, sweep_seed, lr))]["records"][:study["sweep_epochs"]]
-      sweep_rows += [[a, sweep_seed, lr, r["epoch"], r["train_error"], r["diverged"]] for r in recs]
-  common.write_csv(os.path.join(workdir, "sweep.csv"),
-                   ["activation", "seed", "learning_rate", "epoch", "train_error", "diverged"], sweep_rows)
+  rate_rows = [[a, row["round"], row["learning_rate"], seed, epochs if epochs is not None else "not reached",
+                row["diverged"], row["learning_rate"] == search[a]["chosen"]]
+               for a in acts for row in search[a]["rates"] for seed, epochs in zip(row["seeds"],
+                                                                                  row["epochs_to_target"])]
+  common.write_csv(os.path.join(workdir, "rates.csv"),
+                   ["activation", "round", "learning_rate", "seed", "epochs_to_target", "diverged", "chosen"],
+                   rate_rows)
+  stat_keys = ["activation", "layer", "weight_std", "output_std", "saturated_or_dead", "weight_grad_std",
+               "grad_to_weight"]
+  common.write_csv(os.path.join(workdir, "init_stats.csv"), stat_keys, [[r[k] for k in stat_keys]
+                                                                        for r in init_stats])
   plot_curves(results, curves, os.path.join(workdir, "training_error.png"))
-  plot_sweep(results, os.path.join(workdir, "lr_sweep.png"))
+  plot_search(results, os.path.join(workdir, "lr_search.png"))
   common.write_json(os.path.join(workdir, "results.json"), results)
   return results
 
@@ -618,8 +731,8 @@ def define_flags() -> None:
   """Defines the flags; called by `run` only, so importing this module (tests) clashes with no other binary."""
   global CONFIG
   CONFIG = config_lib.define_config_flag("relu_vs_tanh", "relu_vs_tanh.py")
-  flags.DEFINE_string("workdir", "runs/relu_vs_tanh", "Output folder; holds one sub-folder per run.")
-  flags.DEFINE_bool("overwrite", False, "Discard every run in --workdir first.")
+  flags.DEFINE_string("workdir", "runs/relu_vs_tanh", "Output folder; holds one sub-folder per population.")
+  flags.DEFINE_bool("overwrite", False, "Discard every population in --workdir first.")
 
 
 def main(argv):
@@ -632,20 +745,28 @@ def main(argv):
     sys.exit(f"error: {e}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
   common.write_json(os.path.join(FLAGS.workdir, "config.json"), config_lib.to_json_dict(CONFIG.value, "relu_vs_tanh"))
-  results = run_study(study, FLAGS.workdir, overwrite=FLAGS.overwrite,
-                      log=lambda message: print(message, flush=True))
+  try:
+    results = run_study(study, FLAGS.workdir, overwrite=FLAGS.overwrite,
+                        log=lambda message: print(message, flush=True))
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   rows = [[r["activation"], r["seed"], r["learning_rate"],
            "not reached" if r["epochs_to_target"] is None else r["epochs_to_target"],
-           "-" if r["steps_to_target"] is None else r["steps_to_target"],
-           "-" if r["seconds_to_target"] is None else r["seconds_to_target"], r["best_train_error"],
+           "-" if r["steps_to_target"] is None else r["steps_to_target"], r["best_train_error"],
            r["epochs_trained"]] for r in results["runs"]]
-  print("\n" + common.format_table(["activation", "seed", "lr", "epochs to target", "steps", "train seconds",
-                                    "best train error", "epochs run"], rows))
+  print("\n" + common.format_table(["activation", "seed", "lr", "epochs to target", "steps", "best train error",
+                                    "epochs run"], rows))
+  print("\nat initialisation (first seed, 256 training images):")
+  print(common.format_table(["activation", "layer", "weight std", "output std", "saturated/dead", "weight grad std",
+                             "grad / weight"],
+                            [[r["activation"], r["layer"], r["weight_std"], r["output_std"],
+                              "-" if r["saturated_or_dead"] is None else r["saturated_or_dead"],
+                              r["weight_grad_std"], r["grad_to_weight"]] for r in results["init_stats"]]))
   for act, sp in results["speedups"].items():
     print(f"{act}/{results['reference']} epochs to target: {_pm(sp['mean'], sp['std'], 2)} ({sp['kind']})")
   print(f"\n{results['verdict']}\n")
-  print(f"wrote {FLAGS.workdir}/results.json, curves.csv, sweep.csv, training_error.png, lr_sweep.png "
-        f"(this invocation took {time.perf_counter() - start:.0f} s)")
+  print(f"wrote {FLAGS.workdir}/results.json, curves.csv, rates.csv, init_stats.csv, training_error.png, "
+        f"lr_search.png (this invocation took {time.perf_counter() - start:.0f} s)")
 
 
 def run():

@@ -1,28 +1,25 @@
 """The ReLU-vs-tanh binary (Krizhevsky et al. 2012 Fig. 1): end to end on a tiny JPEG image folder, rerun reuse,
-bit-exact resume, and the epochs-to-target / speed-up arithmetic with its bounds."""
+bit-exact resume, the rate search (fewest epochs to target, widening at an edge), the cuda-convnet init, the
+statistics at initialisation, and the epochs-to-target / speed-up arithmetic with its bounds."""
 
 import csv
 import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from dlcore import data
 from experiments import relu_vs_tanh as rvt
-from experiments.configs import schema
-from experiments import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-ARGS = ["--config.study.lr_grid=(0.01, 0.03)", "--config.study.sweep_epochs=1", "--config.study.max_epochs=4",
-        "--config.loop.batch_size=20", "--config.study.seeds=2"]
+ARGS = ["--config.study.lr_grid=(0.01, 0.03)", "--config.study.widen_rounds=0", "--config.study.max_epochs=2",
+        "--config.loop.batch_size=20", "--config.study.seeds=1", "--config.study.stop_at_target=False"]
 
 
 def _image_folder(root, per_class=12):
@@ -41,114 +38,137 @@ def _image_folder(root, per_class=12):
 def _binary(workdir, data_dir, *extra):
   cmd = [sys.executable, "-m", "experiments.relu_vs_tanh", f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
          *ARGS, *extra]
-  start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc.stdout + proc.stderr, time.perf_counter() - start
+  return proc.stdout + proc.stderr
 
 
 def _study(data_dir, **overrides):
-  study = {"activations": ["relu", "tanh"], "init": "lecun_normal", "lr_grid": [0.01, 0.03], "sweep_epochs": 1,
+  study = {"activations": ["relu", "tanh"], "init": "lecun_normal", "lr_grid": [0.01, 0.03], "widen_rounds": 0,
            "target_error": 0.25, "dataset": "cifar10", "data_dir": str(data_dir), "subset": 0,
-           "preprocess": "mean_image", "max_epochs": 4, "batch": 20, "optimizer": "momentum", "momentum": 0.9,
-           "seeds": [0, 1], "stop_at_target": False, "resident": True, "steps_per_call": 0}
+           "preprocess": "mean_image", "max_epochs": 2, "batch": 20, "optimizer": "momentum", "momentum": 0.9,
+           "seeds": [0], "stop_at_target": False}
   return {**study, **overrides}
 
 
 def _curves(workdir):
-  """{(activation, seed): [(epoch, step, train_error), ...]} from curves.csv."""
+  """{(activation, learning_rate, seed): [(epoch, step, train_error), ...]} from curves.csv."""
   curves = {}
   with open(os.path.join(workdir, "curves.csv")) as f:
     for row in csv.DictReader(f):
-      curves.setdefault((row["activation"], int(row["seed"])), []).append(
+      curves.setdefault((row["activation"], float(row["learning_rate"]), int(row["seed"])), []).append(
           (int(row["epoch"]), int(row["step"]), float(row["train_error"])))
   return curves
 
 
-def test_end_to_end_then_rerun_reuses_every_run(tmp_path):
+def test_end_to_end_then_rerun_reuses_every_population(tmp_path):
   data_dir = _image_folder(tmp_path / "images")
   workdir = tmp_path / "study"
-  out, first_seconds = _binary(workdir, data_dir)
+  out = _binary(workdir, data_dir)
   assert "CIFAR-10 (JPEG q75 proxy)" in out and "img/s" in out and "ETA" in out
   results = json.loads((workdir / "results.json").read_text())
-  for key in ("speedup", "speedup_std", "speedup_kind", "speedups", "learning_rates", "sweep", "runs",
-              "activations", "verdict", "data", "data_source", "target_error", "settings", "steps_per_epoch"):
+  for key in ("speedup", "speedup_std", "speedup_kind", "speedups", "learning_rates", "search", "runs",
+              "activations", "verdict", "data", "data_source", "target_error", "settings", "steps_per_epoch",
+              "init_stats"):
     assert key in results, key
   assert results["data"].startswith("CIFAR-10 (JPEG q75 proxy)") and results["steps_per_epoch"] == 6
   assert results["verdict"] in out
+  for name in ("training_error.png", "lr_search.png", "rates.csv", "init_stats.csv"):
+    assert (workdir / name).exists(), name
 
-  # The chosen rate is the one with the lowest training error after study.sweep_epochs (sweep.csv).
-  with open(workdir / "sweep.csv") as f:
-    sweep = list(csv.DictReader(f))
-  for act in ("relu", "tanh"):
-    errors = {float(r["learning_rate"]): float(r["train_error"]) for r in sweep if r["activation"] == act}
-    assert set(errors) == {0.01, 0.03}
-    assert results["learning_rates"][act] == min(errors, key=lambda lr: (errors[lr], lr))
-
-  # Epochs (and steps) to target are the first logged epoch at or below the target; the ratio pairs seeds.
+  # Every (rate, seed) member logged each epoch; the chosen rate has the fewest epochs to target (misses count
+  # as max_epochs + 1), then the lowest final error.
   curves = _curves(workdir)
-  assert set(curves) == {(a, s) for a in ("relu", "tanh") for s in (0, 1)}
-  epochs = {}
-  for (act, seed), rows in curves.items():
-    assert [r[0] for r in rows] == [1, 2, 3, 4] and [r[1] for r in rows] == [6, 12, 18, 24]
-    epochs[act, seed] = next((e for e, _, err in rows if err <= 0.25), None)
-    run = next(r for r in results["runs"] if (r["activation"], r["seed"]) == (act, seed))
-    assert run["epochs_to_target"] == epochs[act, seed]
-    assert run["steps_to_target"] == (None if epochs[act, seed] is None else 6 * epochs[act, seed])
-    assert run["best_train_error"] == min(err for _, _, err in rows)
-    assert run["learning_rate"] == results["learning_rates"][act]
+  assert set(curves) == {(a, lr, 0) for a in ("relu", "tanh") for lr in (0.01, 0.03)}
   for act in ("relu", "tanh"):
-    assert results["activations"][act]["epochs_to_target"] == [epochs[act, 0], epochs[act, 1]]
-  per_seed = results["speedups"]["tanh"]["per_seed"]
-  for seed, entry in zip((0, 1), per_seed):
-    t, r = epochs["tanh", seed], epochs["relu", seed]
-    expected = (t / r if t and r else (4 + 1) / r if r else t / (4 + 1) if t else None)
-    assert entry["ratio"] == pytest.approx(expected) if expected is not None else entry["ratio"] is None
-  if results["speedup_kind"] == "exact":
-    assert results["speedup"] == pytest.approx(np.mean([p["ratio"] for p in per_seed]))
-    assert results["speedup_std"] == pytest.approx(np.std([p["ratio"] for p in per_seed], ddof=1))
-  png = (workdir / "training_error.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and (workdir / "lr_sweep.png").stat().st_size > 0
-  assert json.loads((workdir / "runs" / f"relu_seed0_lr{results['learning_rates']['relu']:g}" / "curve.json")
-                    .read_text())["records"][0]["epoch"] == 1
+    scores = {}
+    for lr in (0.01, 0.03):
+      rows = curves[act, lr, 0]
+      assert [r[0] for r in rows] == [1, 2] and [r[1] for r in rows] == [6, 12]
+      epochs = next((e for e, _, err in rows if err <= 0.25), None)
+      scores[lr] = (3 if epochs is None else epochs, rows[-1][2], lr)
+    assert results["learning_rates"][act] == min(scores, key=scores.get)
+    run = next(r for r in results["runs"] if r["activation"] == act)
+    rows = curves[act, results["learning_rates"][act], 0]
+    assert run["epochs_to_target"] == next((e for e, _, err in rows if err <= 0.25), None)
+    assert run["best_train_error"] == min(err for _, _, err in rows)
+  assert {r["layer"] for r in results["init_stats"]} == {"conv1", "conv2", "conv3", "classifier"}
 
-  # The same command again trains nothing and writes the same results.json.
-  before = (workdir / "results.json").read_bytes()
-  out2, second_seconds = _binary(workdir, data_dir)
-  assert out2.count("reusing it") == 8 and " epoch 1/" not in out2
-  assert (workdir / "results.json").read_bytes() == before
-  assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
-
-  # Another target / fewer epochs: analysed from the logged runs, no training. Nothing is at 1% after 1 epoch.
-  logs = []
-  short = rvt.run_study(_study(data_dir, max_epochs=1, target_error=0.01), str(workdir), log=logs.append)
-  assert not any(" epoch 1/" in line for line in logs)
-  assert short["speedup"] is None and short["speedup_kind"] == "undetermined"
-  assert all(not r["reached_target"] and r["epochs_trained"] == 1 for r in short["runs"])
-  assert short["activations"]["relu"]["epochs_kind"] == "lower_bound"
-  assert "undetermined" in short["verdict"] and "best training errors" in short["verdict"]
+  logs = []  # the same study again: every population is reused, nothing trains
+  again = rvt.run_study(_study(data_dir), str(workdir), log=logs.append)
+  assert sum("finished before" in line for line in logs) == 2 and not any(" epoch 1/" in line for line in logs)
+  assert again["runs"] == results["runs"]
 
 
-def test_resumed_runs_equal_uninterrupted_ones_and_other_configs_are_refused(tmp_path):
+def test_resumed_populations_equal_uninterrupted_ones_and_other_settings_are_refused(tmp_path):
   data_dir = _image_folder(tmp_path / "images")
-  one = dict(activations=["relu"], lr_grid=[0.03])
-  # Seed 1 trains 3 epochs in one go (the sweep uses seed 0).
-  whole = rvt.run_study(_study(data_dir, seeds=[0, 1], max_epochs=3, **one), str(tmp_path / "whole"), log=print)
-  # Seed 1 alone: 1 sweep epoch, resumed to 2, then to 3.
+  one = dict(activations=["relu"], lr_grid=[0.03], seeds=[1])
+  rvt.run_study(_study(data_dir, max_epochs=3, **one), str(tmp_path / "whole"), log=print)
   logs = []
-  rvt.run_study(_study(data_dir, seeds=[1], max_epochs=2, **one), str(tmp_path / "split"), log=logs.append)
-  split = rvt.run_study(_study(data_dir, seeds=[1], max_epochs=3, **one), str(tmp_path / "split"),
-                        log=logs.append)
-  assert sum("resumed from epoch" in line for line in logs) == 2
-  read = lambda d: json.loads((tmp_path / d / "runs" / "relu_seed1_lr0.03" / "curve.json").read_text())["records"]
+  rvt.run_study(_study(data_dir, max_epochs=1, **one), str(tmp_path / "split"), log=logs.append)
+  rvt.run_study(_study(data_dir, max_epochs=3, **one), str(tmp_path / "split"), log=logs.append)
+  assert sum("resumed from epoch 1" in line for line in logs) == 1
+  read = lambda d: json.loads((tmp_path / d / "runs" / "relu_round0" / "round.json").read_text())["members"][0]
   keys = ("epoch", "step", "train_error", "train_loss", "step_loss")
-  assert [[r[k] for k in keys] for r in read("whole")] == [[r[k] for k in keys] for r in read("split")]
-  assert whole["runs"][1]["best_train_error"] == split["runs"][0]["best_train_error"]
-
+  assert [[r[k] for k in keys] for r in read("whole")["records"]] == [[r[k] for k in keys]
+                                                                      for r in read("split")["records"]]
   with pytest.raises(ValueError, match="subset: 0 -> 100"):
-    rvt.run_study(_study(data_dir, seeds=[1], subset=100, **one), str(tmp_path / "split"), log=print)
-  rvt.run_study(_study(data_dir, seeds=[1], subset=100, max_epochs=1, **one), str(tmp_path / "split"),
-                overwrite=True, log=print)
+    rvt.run_study(_study(data_dir, subset=100, **one), str(tmp_path / "split"), log=print)
+  rvt.run_study(_study(data_dir, subset=100, max_epochs=1, **one), str(tmp_path / "split"), overwrite=True,
+                log=print)
+
+
+def _round(scores: dict[float, list], max_epochs=5, diverged=()):
+  """A round.json-like dict whose member (rate, seed i) reaches 0.25 at epoch scores[rate][i] (None: never)."""
+  members = []
+  for lr, epochs in scores.items():
+    for seed, e in enumerate(epochs):
+      errors = [0.2 if e is not None and i + 1 >= e else 0.5 for i in range(max_epochs)]
+      members.append({"learning_rate": lr, "seed": seed,
+                      "records": [{"epoch": i + 1, "train_error": err, "diverged": lr in diverged}
+                                  for i, err in enumerate(errors)]})
+  return {"settings": {"rates": list(scores)}, "members": members}
+
+
+def test_the_rate_search_picks_the_fewest_epochs_and_widens_at_an_edge():
+  table = rvt.rate_table([_round({0.01: [4, 5], 0.03: [2, 3], 0.1: [3, 3]})], 0.25, 5)
+  assert [row["score"] for row in table] == [4.5, 2.5, 3.0]
+  assert rvt.choose_rate(table) == (0.03, None)
+  edge = rvt.rate_table([_round({0.01: [4, None], 0.03: [2, 2]})], 0.25, 5)  # a miss counts as 6
+  assert [row["score"] for row in edge] == [5.0, 2.0] and rvt.choose_rate(edge) == (0.03, "high")
+  assert rvt.next_rate(edge, "high") == pytest.approx(0.09) and rvt.next_rate(edge, "low") == pytest.approx(0.01 / 3)
+  widened = rvt.rate_table([_round({0.01: [4, None], 0.03: [2, 2]}), _round({0.09: [1, 1]}, diverged=(0.09,))],
+                           0.25, 5)
+  assert rvt.choose_rate(widened) == (0.03, None)  # the faster-looking 0.09 diverged: 0.03 is interior
+  assert rvt.choose_rate(rvt.rate_table([_round({0.1: [2]}, diverged=(0.1,))], 0.25, 5)) == (None, "low")
+  assert rvt.next_rate(rvt.rate_table([_round({0.1: [2]})], 0.25, 5), "low") == pytest.approx(0.1 / 3)
+
+
+def test_cuda_convnet_init_is_std_1e4_for_conv1_and_001_elsewhere():
+  study = rvt.validate(_study("/x", init="cuda_convnet"))
+  pop = rvt.create_population(study, "relu", [(0.01, 0), (0.01, 1)], np.zeros((2, 32, 32, 3), np.float32),
+                              10)
+  params = pop.state.params
+  expected = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "classifier": 0.01}
+  for layer, std in expected.items():
+    kernel = np.asarray(params[layer]["linear"]["kernel"])
+    assert abs(kernel.std() / std - 1) < 0.05, (layer, kernel.std())
+    assert not np.asarray(params[layer]["linear"]["bias"]).any()
+
+
+def test_init_statistics_against_a_direct_computation():
+  dataset = data.synthetic(image_shape=(32, 32, 3), train_size=64, validation_size=0)
+  study = rvt.validate({**_study(None), "dataset": "synthetic", "data_dir": None})
+  rows = {r["layer"]: r for r in rvt.init_statistics(study, "relu", dataset)}
+  pop = rvt.create_population(study, "relu", [(1.0, 0)], dataset.train.images[:2], 10)
+  params = rvt.population.member(pop, 0).params
+  model = rvt.build_model("lecun_normal", "relu", 10)
+  _, state = model.apply({"params": params}, dataset.train.images, mutable=["intermediates"])
+  post = np.asarray(state["intermediates"]["conv2"]["post"][0])
+  assert rows["conv2"]["saturated_or_dead"] == pytest.approx(np.mean(post <= 0))
+  assert rows["conv2"]["output_std"] == pytest.approx(post.std(), rel=1e-5)
+  assert rows["conv1"]["weight_std"] == pytest.approx(np.asarray(params["conv1"]["linear"]["kernel"]).std())
+  assert rows["classifier"]["saturated_or_dead"] is None
 
 
 def _records(errors, diverged_at=None):
@@ -197,32 +217,6 @@ def test_finished_depends_on_the_request():
   assert rvt.finished(_records([0.5, 0.9], diverged_at=2), 5, False, 0.25)
 
 
-def test_run_config_pins_a_constant_rate_and_no_regularisation_whatever_the_trainer_defaults(monkeypatch):
-  original = schema.train
-
-  def odd_defaults():
-    config = original()
-    config.schedule.name = "sgdr"
-    config.optimizer.update(weight_decay=0.1, clip_norm=0.001)
-    config.model.update(keep_prob=0.5, batchnorm="before", init_scale=3.0)
-    config.data.augment = "flip"
-    return config
-  monkeypatch.setattr(rvt.schema, "train", odd_defaults)
-  config = rvt.run_config(_study("/x"), "tanh", 3, 0.05)
-  assert (config.model.batchnorm, config.model.keep_prob, config.optimizer.weight_decay, config.model.init_scale,
-          config.optimizer.clip_norm, config.data.augment, config.schedule.name) == ("none", 1.0, 0.0, None, None,
-                                                                                    "", "constant")
-  dataset = data.synthetic(image_shape=(4, 4, 1), train_size=64, validation_size=0)
-  # The optimiser as build_state makes it (a one-unit MLP keeps the eager init cheap).
-  config.model.update(name="mlp", hidden=(1,))
-  state = train_lib.build_state(config, dataset, dataset.train.images[:16])
-  grads = jax.tree.map(jnp.ones_like, state.params)
-  opt_state, update, step = state.opt_state, None, jax.jit(state.tx.update)
-  for _ in range(200):  # constant rate, momentum 0.9: the update of a constant gradient tends to -lr / (1 - mu)
-    update, opt_state = step(grads, opt_state, state.params)
-  np.testing.assert_allclose(np.asarray(update["classifier"]["linear"]["bias"]), -0.5, rtol=1e-4)
-
-
 @pytest.mark.parametrize("override, message", [
     ({"activations": ["relu", "nope"]}, "study.activations: unknown activation 'nope'"),
     ({"activations": ["relu", "relu"]}, "study.activations lists an activation twice"),
@@ -232,6 +226,9 @@ def test_run_config_pins_a_constant_rate_and_no_regularisation_whatever_the_trai
     ({"max_epochs": 0}, "study.max_epochs must be > 0"),
     ({"subset": 10, "batch": 20}, "loop.batch_size 20 is larger than data.subset 10"),
     ({"optimizer": "lbfgs"}, "optimizer.name must be one of"),
+    ({"init": "lsuv"}, "model.init='lsuv' is not supported here"),
+    ({"init": "nope"}, "model.init must be one of"),
+    ({"widen_rounds": -1}, "study.widen_rounds must be an integer >= 0"),
 ])
 def test_validate_names_the_config_key(override, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):

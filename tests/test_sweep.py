@@ -71,7 +71,8 @@ def test_narrow_follows_the_closed_form_and_widens_only_at_a_crowded_end():
           {"learning_rate": 0.1, "momentum": 0.975, "label_smoothing": 0.0}]
   new, widened = search.narrow(space, best, BOUNDS, edge_fraction=0.1)
   pad = 0.25 * max(1.0, 0.2 * 3)  # log10 span of the best rates is 1 decade, the old range 3
-  np.testing.assert_allclose([new["learning_rate"].low, new["learning_rate"].high], [10 ** (-2 - pad), 10 ** (-1 + pad)])
+  np.testing.assert_allclose([new["learning_rate"].low, new["learning_rate"].high],
+                             [10 ** (-2 - pad), 10 ** (-1 + pad)])
   # momentum: 0.975 sits in the top 10% of [0.5, 0.98], so the top end moves past 0.98; the bottom end does not
   m_pad = 0.25 * max(0.015, 0.2 * 0.48)
   assert new["momentum"].low == pytest.approx(0.96 - m_pad) and new["momentum"].high == pytest.approx(0.975 + m_pad)

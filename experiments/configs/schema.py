@@ -10,8 +10,8 @@ thing it configures" (the model's BatchNorm placement, a schedule's own default 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "lr_finder", "relu_vs_tanh", "sweep",
-           "train"]
+__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "lr_finder", "relu_vs_tanh",
+           "sanity_checks", "sweep", "train"]
 
 
 def _data() -> dict:
@@ -91,15 +91,15 @@ def batchnorm_mnist() -> ml_collections.ConfigDict:
 
 
 def relu_vs_tanh() -> ml_collections.ConfigDict:
-  """Krizhevsky et al. 2012, Fig. 1: epochs to a training error, per activation, at each one's best rate."""
+  """Krizhevsky et al. 2012, Fig. 1: epochs to a training error, per activation, at each one's fastest rate."""
   return ml_collections.ConfigDict(dict(
       seed=0,
-      data=_pick(_data(), dataset="cifar10", data_dir=..., subset=..., preprocess="mean_image", resident=...),
-      model=_pick(_model(), init="lecun_normal"),
+      data=_pick(_data(), dataset="cifar10", data_dir=..., subset=..., preprocess="mean_image"),
+      model=_pick(_model(), init="lecun_normal"),  # or cuda_convnet: the paper-era per-layer init
       optimizer=_pick(_optimizer(), name=..., momentum=...),
-      loop=_pick(_loop(), batch_size=..., steps_per_call=...),
-      study=dict(activations=("relu", "tanh"), lr_grid=(0.003, 0.01, 0.03, 0.1), sweep_epochs=2,
-                 target_error=0.25, max_epochs=30, seeds=2, stop_at_target=False)))
+      loop=_pick(_loop(), batch_size=...),
+      study=dict(activations=("relu", "tanh"), lr_grid=(0.003, 0.01, 0.03, 0.1), widen_rounds=3,
+                 target_error=0.25, max_epochs=30, seeds=2, stop_at_target=True)))
 
 
 def sweep() -> ml_collections.ConfigDict:
@@ -131,5 +131,19 @@ def lr_finder() -> ml_collections.ConfigDict:
       study=dict(min_lr=1e-6, max_lr=10.0, steps=200, smooth=0.98, stop_factor=4.0)))
 
 
+def sanity_checks() -> ml_collections.ConfigDict:
+  """cs231n's sanity checks before a long run (dlcore.sanity): initial loss, loss against penalty strength,
+  overfitting a small subset, a float64 gradient check; of the trainer's data, model, loss and optimiser."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset=..., data_dir=..., download=..., preprocess=...),
+      model=_model(),
+      loss=_pick(_loss(), name=..., label_smoothing=..., hinge_delta=..., penalty="l2", l1_ratio=...),
+      optimizer=_pick(_optimizer(), name=..., learning_rate=..., momentum=...),
+      study=dict(loss_examples=256, penalty_strengths=(1e-3, 1e-2, 1e-1, 1.0), subset_size=32, overfit_steps=500,
+                 gradcheck_examples=4, gradcheck_coords=10, initial_loss_factor=2.0, gradcheck_tolerance=1e-5)))
+
+
 SCHEMAS = {"train": train, "activation_stats": activation_stats, "batchnorm_mnist": batchnorm_mnist,
-           "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder}
+           "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder,
+           "sanity_checks": sanity_checks}
