@@ -271,6 +271,13 @@ def reached(record: dict, target: float) -> bool:
   return not record["diverged"] and record["train_error"] <= target
 
 
+def trained(records: list[dict], stop_at_target: bool, target: float) -> list[dict]:
+  """A member's records up to the epoch it stopped at: the first that reached the target (with stop_at_target;
+  the population goes on while others train, the stopped member's state no longer changes), or all of them."""
+  hit = epochs_to_target(records, target) if stop_at_target else None
+  return records if hit is None else records[:hit]
+
+
 def finished(records: list[dict], epochs: int, stop_at_target: bool, target: float) -> bool:
   """Whether one member's `records` already answer a request for `epochs` epochs."""
   records = records[:epochs]
@@ -304,7 +311,8 @@ def train_round(study: dict, activation: str, rates: list[float], run_dir: str, 
                        "every population, or use another --workdir")
     if all(finished(m["records"], epochs, stop, target) for m in saved["members"]):
       log(f"{label}: finished before ({len(saved['members'][0]['records'])} epochs logged); reusing it")
-      return {**saved, "members": [{**m, "records": m["records"][:epochs]} for m in saved["members"]]}
+      return {**saved, "members": [{**m, "records": trained(m["records"][:epochs], stop, target)}
+                                   for m in saved["members"]]}
 
   dataset = lazy_data.get()
   k, batch_size = len(members), study["batch"]
@@ -381,7 +389,8 @@ def train_round(study: dict, activation: str, rates: list[float], run_dir: str, 
   ckpt.close()
   out["members"] = [{"learning_rate": lr, "seed": seed, "records": records[m]} for m, (lr, seed) in enumerate(members)]
   common.write_json(path, out)
-  return {**out, "members": [{**m, "records": m["records"][:epochs]} for m in out["members"]]}
+  return {**out, "members": [{**m, "records": trained(m["records"][:epochs], stop, target)}
+                             for m in out["members"]]}
 
 
 def _finite(value) -> float | None:
@@ -624,6 +633,9 @@ def plot_search(results: dict, path: str) -> None:
   ax.set(xscale="log", xlabel="learning rate", ylabel=f"epochs to {s['target_error']:.0%} training error (mean)",
          ylim=(0, top + 1), title=f"rate search (star: chosen; hollow: some seed missed it within {s['max_epochs']}, "
                                   f"counted as {top}; x: diverged)")
+  tried = sorted({r["learning_rate"] for act in s["activations"] for r in results["search"][act]["rates"]})
+  ax.set_xticks(tried, [f"{lr:.3g}" for lr in tried])
+  ax.set_xticks([], minor=True)
   ax.title.set_fontsize(9)
   ax.legend()
   common.save_figure(fig, path)

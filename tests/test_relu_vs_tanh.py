@@ -210,6 +210,12 @@ def test_speedup_is_exact_a_bound_or_undetermined():
   assert act["seconds_to_target_mean"] is None and act["reached"] == 1
 
 
+def test_a_member_that_stopped_at_the_target_keeps_the_records_up_to_it():
+  records = _records([0.5, 0.2, 0.2, 0.1])
+  assert rvt.trained(records, True, 0.25) == records[:2]
+  assert rvt.trained(records, False, 0.25) == records and rvt.trained(records, True, 0.05) == records
+
+
 def test_finished_depends_on_the_request():
   records = _records([0.5, 0.2])
   assert rvt.finished(records, 2, False, 0.25) and not rvt.finished(records, 3, False, 0.25)
