@@ -13,8 +13,11 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   checkpoint, summaries       orbax checkpoints; metrics.jsonl and TensorBoard
   parallel                    data parallelism over a 'data' mesh; jax.distributed
   population                  K models trained by one vmapped step, per-member hyperparameters ('pop' mesh axis)
+  search                      random-search spaces: parse, sample, narrow around the best, find edges
   data                        datasets, seeded batching (host or device-resident), preprocessing, augmentation
   stats, gradcheck, ensemble  activation/gradient statistics; float64 gradient checks; ensembles
+  sanity                      cs231n's checks before a long run: initial loss, penalty, overfitting, gradients
+  embedding                   2-D embeddings of features for pictures: PCA, exact t-SNE
   pooling, checks             pooling with CPU-friendly gradients; argument validation
 
 Conventions: images are NHWC; dropout is given as keep_prob (probability of keeping a unit) or, in
@@ -25,13 +28,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["activations", "checkpoint", "checks", "data", "ensemble", "gradcheck", "initializers", "layers",
-           "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population", "state", "stats",
-           "summaries", "train"]
+__all__ = ["activations", "checkpoint", "checks", "data", "embedding", "ensemble", "gradcheck", "initializers",
+           "layers", "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population",
+           "sanity", "search", "state", "stats", "summaries", "train"]
 
 if TYPE_CHECKING:
-  from dlcore import (activations, checkpoint, checks, data, ensemble, gradcheck, initializers, layers, loop,
-                      losses, masks, models, optim, parallel, pooling, population, state, stats, summaries, train)
+  from dlcore import (activations, checkpoint, checks, data, embedding, ensemble, gradcheck, initializers, layers,
+                      loop, losses, masks, models, optim, parallel, pooling, population, sanity, search, state,
+                      stats, summaries, train)
 
 
 def __getattr__(name: str):

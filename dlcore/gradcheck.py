@@ -6,8 +6,9 @@ cast to float64, whatever the global `jax_enable_x64`: in float32 the difference
 (~1e-7 |f| / h) swamps the check, while in float64 a correct gradient of a smooth f gives errors ~1e-8 or below.
 
 Central differences are wrong across kinks (ReLU at 0, hinge margins at 0, |w| at 0): choose inputs at least a few
-h away from them. A coordinate whose true gradient is ~0 while f is not flat reads as a large relative error,
-since there the quotient is rounding noise (~1e-16 |f| / h).
+h away from them, or read `Comparison.kink_bound`, which says how far a kink can have moved each difference. A
+coordinate whose true gradient is ~0 while f is not flat reads as a large relative error, since there the quotient
+is rounding noise (~1e-16 |f| / h).
 """
 
 import warnings
@@ -20,15 +21,22 @@ from jax.flatten_util import ravel_pytree
 
 from dlcore import checks
 
-__all__ = ["Comparison", "check_params", "compare", "max_relative_error"]
+__all__ = ["Comparison", "check_params", "compare", "compare_params", "max_relative_error"]
 
 
 class Comparison(NamedTuple):
-  """Checked flat coordinates (in `ravel_pytree` order) with their analytic and numeric gradients and errors."""
+  """Checked flat coordinates (in `ravel_pytree` order) with their analytic and numeric gradients and errors.
+
+  kink_bound is |f(x + h) - 2 f(x) + f(x - h)| / 2h per coordinate: for f piecewise linear with one kink in
+  [x - h, x + h] (a ReLU or max-pool switching), it equals |numeric - true one-sided derivative| exactly; for a
+  smooth f it is h |f''| / 2 plus rounding noise, i.e. negligible. A mismatch within it is the difference
+  quotient's fault, not the gradient's.
+  """
   index: np.ndarray
   analytic: np.ndarray
   numeric: np.ndarray
   error: np.ndarray
+  kink_bound: np.ndarray
 
 
 def _subset(rng: np.random.Generator, start: int, size: int, num_checks: int | None) -> np.ndarray:
@@ -61,16 +69,18 @@ def _compare(f, x, eps: float, tiny: float, index: np.ndarray) -> Comparison:
                     stacklevel=3)
     grad = np.asarray(jax.jit(jax.grad(lambda v: f(unravel(v))))(flat))
     x_np = np.asarray(flat)
-    numeric = np.empty(len(index))
+    numeric, kink_bound, f_x = np.empty(len(index)), np.empty(len(index)), float(value)
     for k, i in enumerate(index):
       plus, minus = x_np.copy(), x_np.copy()
       plus[i] += eps
       minus[i] -= eps
       # Divide by the step actually taken: x + h is rounded, and (x + h) - (x - h) need not equal 2h exactly.
-      numeric[k] = (float(fn(plus)) - float(fn(minus))) / (plus[i] - minus[i])
+      f_plus, f_minus = float(fn(plus)), float(fn(minus))
+      numeric[k] = (f_plus - f_minus) / (plus[i] - minus[i])
+      kink_bound[k] = abs(f_plus - 2 * f_x + f_minus) / (plus[i] - minus[i])
   analytic = grad[index]
   error = np.abs(analytic - numeric) / np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), tiny)
-  return Comparison(index, analytic, numeric, error)
+  return Comparison(index, analytic, numeric, error, kink_bound)
 
 
 def compare(f, x, *, eps: float = 1e-6, num_checks: int | None = None, seed: int = 0,
@@ -99,6 +109,15 @@ def check_params(loss_fn, params, *, eps: float = 1e-6, num_checks: int | None =
   coordinates checked per array (drawn with `seed`); otherwise every coordinate is checked. Run as a whole with
   one jitted loss, as in `max_relative_error`.
   """
+  return {path: float(np.max(result.error, initial=0.0))
+          for path, result in compare_params(loss_fn, params, eps=eps, num_checks=num_checks, seed=seed,
+                                             tiny=tiny).items()}
+
+
+def compare_params(loss_fn, params, *, eps: float = 1e-6, num_checks: int | None = None, seed: int = 0,
+                   tiny: float = 1e-12) -> dict[str, Comparison]:
+  """The per-coordinate comparisons behind `check_params` (same arguments), per parameter array:
+  {'layer0/linear/kernel': Comparison, ...}, each `index` counting flat positions within its own array."""
   if num_checks is not None:
     checks.positive("num_checks", num_checks)
   paths = [jax.tree_util.keystr(path, simple=True, separator="/")
@@ -109,4 +128,5 @@ def check_params(loss_fn, params, *, eps: float = 1e-6, num_checks: int | None =
   index = np.concatenate([_subset(rng, start, size, num_checks) for start, size in zip(starts, sizes)] or [[]])
   result = _compare(loss_fn, params, eps, tiny, index.astype(int))
   leaf_of = np.searchsorted(starts, result.index, side="right") - 1
-  return {path: float(np.max(result.error[leaf_of == k], initial=0.0)) for k, path in enumerate(paths)}
+  return {path: Comparison(result.index[leaf_of == k] - starts[k],
+                           *(field[leaf_of == k] for field in result[1:])) for k, path in enumerate(paths)}

@@ -38,10 +38,12 @@ class Dimension:
     return np.log10(values) if self.kind == "log" else values
 
   def unscale(self, values) -> np.ndarray:
+    """The inverse of `scale`: values in the dimension's own scale back to hyperparameter values."""
     values = np.asarray(values, np.float64)
     return 10.0 ** values if self.kind == "log" else values
 
   def text(self) -> str:
+    """The range in the text form `parse` reads after 'NAME=' (e.g. 'log:0.001:1')."""
     numbers = self.choices if self.kind == "choice" else (self.low, self.high)
     return ":".join([self.kind, *(f"{v:.6g}" for v in numbers)])
 
