@@ -1,7 +1,7 @@
 r"""Learning-rate range test (Smith 2017, "Cyclical learning rates", Sec. 3.3; fastai's lr_find).
 
 Trains the trainer's model from its initialisation (any data, model, loss and optimiser experiments.train takes,
-under the same config keys) for study.steps steps while the learning rate rises exponentially from study.min_lr
+under the same config keys) for study.ramp_steps steps while the learning rate rises exponentially from study.min_lr
 to study.max_lr: step t (0-based) updates with lr_t = min_lr * (max_lr / min_lr) ** (t / (steps - 1)). It
 records the training loss of every step (the objective: data loss + penalty, on that step's batch before its
 update) and its bias-corrected exponential moving average with factor study.smooth, and stops early once the
@@ -19,7 +19,7 @@ Suggested rates, from the smoothed loss up to its last finite value:
 
 Config: experiments/configs/lr_finder.py (keys: configs/schema.py); override with --config.group.key=value. The
 groups data, model, loss and optimizer (less its learning_rate), loop.batch_size and seed mean what they mean to
-the trainer; study: min_lr (1e-6), max_lr (10), steps (200), smooth (0.98; 0: no smoothing), stop_factor (4).
+the trainer; study: min_lr (1e-6), max_lr (10), ramp_steps (200), smooth (0.98; 0: no smoothing), stop_factor (4).
 Runs on one device. Prints progress, a table of rates and losses, and the suggestions; writes to --workdir:
 config.json, lr_finder.csv (step, lr, loss, smoothed), results.json (suggestions, steps run, why it stopped) and
 lr_finder.png (raw and smoothed loss against the rate, log axis, the suggestions marked).
@@ -80,7 +80,7 @@ def trainer_config(config):
   tc = schema.train()
   for group in ("data", "model", "loss", "optimizer"):
     tc[group].update(config[group].to_dict())
-  tc.seed, tc.loop.batch_size, tc.loop.steps = config.seed, config.loop.batch_size, config.study.steps
+  tc.seed, tc.loop.batch_size, tc.loop.steps = config.seed, config.loop.batch_size, config.study.ramp_steps
   tc.optimizer.learning_rate = config.study.max_lr  # stands in for the sweep in the trainer's optimiser checks
   tc.schedule.name = "constant"
   return tc
@@ -93,8 +93,8 @@ def validate(config):
   checks.in_range("study.min_lr", s.min_lr, 0.0, math.inf, low_open=True, high_open=True)
   if not s.min_lr < s.max_lr < math.inf:
     raise ValueError(f"study.max_lr must be finite and > study.min_lr={s.min_lr:g}, got {s.max_lr!r}")
-  if s.steps < 2:
-    raise ValueError(f"study.steps must be >= 2 (the sweep's first and last rate), got {s.steps}")
+  if s.ramp_steps < 2:
+    raise ValueError(f"study.ramp_steps must be >= 2 (the sweep's first and last rate), got {s.ramp_steps}")
   checks.in_range("study.smooth", s.smooth, 0.0, 1.0, high_open=True)
   checks.in_range("study.stop_factor", s.stop_factor, 1.0, math.inf, low_open=True, high_open=True)
   tc = trainer_config(config)
@@ -115,7 +115,7 @@ def range_test(config, workdir: str, log=print) -> dict:
 
   mesh = parallel.make_mesh(1)
   batches = data.TrainBatches(dataset.train, tc.loop.batch_size, seed=tc.seed)
-  rate = exponential_schedule(study.min_lr, study.max_lr, study.steps)
+  rate = exponential_schedule(study.min_lr, study.max_lr, study.ramp_steps)
   state = parallel.replicate(train_lib.build_state(tc, dataset, batches.batch_at(0)["image"], rate), mesh)
   step_fn = train_lib.make_train_step(tc)
 
@@ -127,16 +127,16 @@ def range_test(config, workdir: str, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   common.write_json(os.path.join(workdir, "config.json"), config_lib.to_json_dict(config, BINARY))
   log(f"model {tc.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} params | {tc.optimizer.name}, "
-      f"batch {tc.loop.batch_size} | lr {study.min_lr:g} -> {study.max_lr:g} over {study.steps} steps "
-      f"({study.steps / steps_per_epoch:.2f} epochs); stops when the smoothed loss > {study.stop_factor:g} x its "
+      f"batch {tc.loop.batch_size} | lr {study.min_lr:g} -> {study.max_lr:g} over {study.ramp_steps} steps "
+      f"({study.ramp_steps / steps_per_epoch:.2f} epochs); stops when the smoothed loss > {study.stop_factor:g} x its "
       "minimum")
 
   rows, average, best = [], 0.0, math.inf
-  stopped, why = "completed", f"reached study.max_lr={study.max_lr:g} after {study.steps} steps"
-  every = max(1, study.steps // 10)
-  for t in range(study.steps):
+  stopped, why = "completed", f"reached study.max_lr={study.max_lr:g} after {study.ramp_steps} steps"
+  every = max(1, study.ramp_steps // 10)
+  for t in range(study.ramp_steps):
     state, loss = step(state, parallel.shard_batch(batches.batch_at(t), mesh))
-    loss, lr = float(loss), sweep_rate(study.min_lr, study.max_lr, study.steps, t)
+    loss, lr = float(loss), sweep_rate(study.min_lr, study.max_lr, study.ramp_steps, t)
     average = study.smooth * average + (1.0 - study.smooth) * loss
     smoothed = average / (1.0 - study.smooth ** (t + 1))  # bias-corrected: the average starts at 0
     rows.append([t, lr, loss, smoothed])
@@ -146,8 +146,8 @@ def range_test(config, workdir: str, log=print) -> dict:
     elif smoothed > study.stop_factor * best:
       stopped, why = "diverged", (f"the smoothed loss {smoothed:.4g} exceeds {study.stop_factor:g} x its minimum "
                                   f"{best:.4g} at step {t} (lr {lr:.3g})")
-    if stopped != "completed" or t % every == 0 or t == study.steps - 1:
-      log(f"step {t:{len(str(study.steps))}d}/{study.steps}  lr {lr:<9.3g}  loss {loss:<9.4g}  smoothed "
+    if stopped != "completed" or t % every == 0 or t == study.ramp_steps - 1:
+      log(f"step {t:{len(str(study.ramp_steps))}d}/{study.ramp_steps}  lr {lr:<9.3g}  loss {loss:<9.4g}  smoothed "
           f"{smoothed:<9.4g}  {time.perf_counter() - start:5.1f} s")
     if stopped != "completed":
       break
@@ -158,7 +158,7 @@ def range_test(config, workdir: str, log=print) -> dict:
   finite = [s for s in smoothed if math.isfinite(s)]
   results = {"suggested_lr": suggestions["steepest"], "suggestions": suggestions,
              "min_smoothed_loss": min(finite) if finite else None, "steps_run": len(rows),
-             "steps_planned": study.steps, "stopped": stopped, "stop_reason": why, "last_lr": lrs[-1],
+             "steps_planned": study.ramp_steps, "stopped": stopped, "stop_reason": why, "last_lr": lrs[-1],
              "data_source": dataset.source, "wall_time_s": time.perf_counter() - start}
   common.write_csv(os.path.join(workdir, "lr_finder.csv"), ["step", "lr", "loss", "smoothed"], rows)
   ending = {"completed": "reached study.max_lr", "non_finite": "stopped: non-finite loss",

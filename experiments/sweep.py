@@ -1,9 +1,9 @@
 r"""Coarse-to-fine random hyperparameter search (cs231n), every stage one population trained by one program.
 
-Stage 1 draws study.members[0] settings from study.space (per hyperparameter: log-uniform, uniform or a choice;
-`dlcore.search`) and trains them study.epochs[0] epochs at once as one population (`dlcore.population`). Each
-next stage draws study.members[i] settings from ranges narrowed around the study.top_k best of the stage before
-(in log space for log hyperparameters) and trains them study.epochs[i] epochs. The final stage trains the
+Stage 1 draws study.stage_sizes[0] settings from study.space (per hyperparameter: log-uniform, uniform or a choice;
+`dlcore.search`) and trains them study.stage_epochs[0] epochs at once as one population (`dlcore.population`). Each
+next stage draws study.stage_sizes[i] settings from ranges narrowed around the study.top_k best of the stage before
+(in log space for log hyperparameters) and trains them study.stage_epochs[i] epochs. The final stage trains the
 study.final_top best settings of the last stage with study.final_seeds seeds each for study.final_epochs epochs
 and evaluates them on the test set; the best setting is the one with the highest mean validation accuracy.
 Members are ranked by validation accuracy at the end of their stage; a member whose loss or parameters go
@@ -16,7 +16,7 @@ trainer config: `python -m experiments.train --config=WORKDIR/best_config.json` 
 
   python -m experiments.sweep --workdir=runs/sweep     # Fashion-MNIST MLP: learning rate x weight decay
   python -m experiments.sweep --config.study.space='learning_rate=log:1e-3:1, momentum=uniform:0.5:0.99' \
-      --config.study.members='(16, 8)' --config.study.epochs='(1, 2)' --workdir=runs/sweep_momentum
+      --config.study.stage_sizes='(16, 8)' --config.study.stage_epochs='(1, 2)' --workdir=runs/sweep_momentum
 
 Config: experiments/configs/sweep.py (keys: configs/schema.py `sweep`); searchable: learning_rate, momentum,
 weight_decay, penalty_strength, label_smoothing, init_scale. Writes to --workdir: config.json,
@@ -82,16 +82,17 @@ def trainer_config(config, hparams: dict, *, epochs: float, seed: int):
 
 
 def _stage_plan(study) -> list[tuple[int, float]]:
-  members, epochs = list(study.members), list(study.epochs)
+  members, epochs = list(study.stage_sizes), list(study.stage_epochs)
   if not members:
-    raise ValueError("study.members must list the members of at least one stage, e.g. (32, 16)")
+    raise ValueError("study.stage_sizes must list the members of at least one stage, e.g. (32, 16)")
   if len(members) != len(epochs):
-    raise ValueError(f"study.members {tuple(members)} and study.epochs {tuple(epochs)} must have one entry per stage")
+    raise ValueError(f"study.stage_sizes {tuple(members)} and study.stage_epochs {tuple(epochs)} must have one "
+                     "entry per stage")
   for i, (k, e) in enumerate(zip(members, epochs)):
     if not isinstance(k, int) or k < 1:
-      raise ValueError(f"study.members[{i}] must be a positive integer, got {k!r}")
+      raise ValueError(f"study.stage_sizes[{i}] must be a positive integer, got {k!r}")
     if not e > 0:
-      raise ValueError(f"study.epochs[{i}] must be > 0, got {e!r}")
+      raise ValueError(f"study.stage_epochs[{i}] must be > 0, got {e!r}")
   return list(zip(members, [float(e) for e in epochs]))
 
 
@@ -107,7 +108,7 @@ def validate(config) -> tuple[dict, list[tuple[int, float]]]:
       raise ValueError(f"{key} must be a positive integer, got {value!r}")
   for i, (k, _) in enumerate(plan[:-1]):
     if study.top_k > k:
-      raise ValueError(f"study.top_k {study.top_k} is more than the {k} members of stage {i + 1} (study.members)")
+      raise ValueError(f"study.top_k {study.top_k} is more than the {k} members of stage {i + 1} (study.stage_sizes)")
   if study.final_top > plan[-1][0]:
     raise ValueError(f"study.final_top {study.final_top} is more than the {plan[-1][0]} members of the last stage")
   if not study.final_epochs > 0:
@@ -127,7 +128,7 @@ def validate(config) -> tuple[dict, list[tuple[int, float]]]:
   devices = config.parallel.num_devices or jax.device_count()
   if devices > jax.device_count():
     raise ValueError(f"parallel.num_devices {devices} is more than the {jax.device_count()} devices here")
-  sizes = {f"study.members[{i}]": k for i, (k, _) in enumerate(plan)}
+  sizes = {f"study.stage_sizes[{i}]": k for i, (k, _) in enumerate(plan)}
   sizes["study.final_top x study.final_seeds"] = study.final_top * study.final_seeds
   for key, k in sizes.items():
     if k % devices:

@@ -23,7 +23,7 @@ def _config(**study):
   config.data.dataset = "synthetic"
   config.model.hidden = (32,)
   config.loop.batch_size = 64
-  config.study.update(steps=50, **study)
+  config.study.update(ramp_steps=50, **study)
   return config
 
 
@@ -109,7 +109,7 @@ def test_a_huge_max_lr_stops_when_the_smoothed_loss_diverges(tmp_path):
     ("min_lr", 0.0, r"study.min_lr must be in \(0.0, inf\)"),
     ("max_lr", 1e-7, r"study.max_lr must be finite and > study.min_lr=1e-06"),
     ("max_lr", float("inf"), r"study.max_lr must be finite"),
-    ("steps", 1, r"study.steps must be >= 2"),
+    ("ramp_steps", 1, r"study.ramp_steps must be >= 2"),
     ("smooth", 1.0, r"study.smooth must be in \[0.0, 1.0\)"),
     ("stop_factor", 1.0, r"study.stop_factor must be in \(1.0, inf\)")])
 def test_bad_study_values_name_the_key(key, value, match, tmp_path):
@@ -133,8 +133,8 @@ def test_the_trainers_checks_apply_to_the_shared_groups(tmp_path):
 
 
 def test_binary_reports_a_bad_value_in_one_line_and_writes_nothing(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.lr_finder", "--config.study.steps=1", f"--workdir={tmp_path / 'w'}"]
+  cmd = [sys.executable, "-m", "experiments.lr_finder", "--config.study.ramp_steps=1", f"--workdir={tmp_path / 'w'}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0
-  assert proc.stderr.strip() == "error: study.steps must be >= 2 (the sweep's first and last rate), got 1"
+  assert proc.stderr.strip() == "error: study.ramp_steps must be >= 2 (the sweep's first and last rate), got 1"
   assert not (tmp_path / "w").exists()

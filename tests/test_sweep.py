@@ -100,7 +100,8 @@ def _config(**study):
   config.data.dataset = "synthetic"
   config.model.hidden = (16,)
   config.loop.update(batch_size=60, log_every=10)
-  config.study.update(members=(4, 2), epochs=(1.0, 1.0), top_k=2, final_top=1, final_seeds=2, final_epochs=1.0,
+  config.study.update(stage_sizes=(4, 2), stage_epochs=(1.0, 1.0), top_k=2, final_top=1, final_seeds=2,
+                      final_epochs=1.0,
                       space="learning_rate=log:1e-3:1, weight_decay=log:1e-6:1e-2")
   config.study.update(**study)
   return config
@@ -181,9 +182,9 @@ def test_a_diverging_member_is_frozen_reported_and_ranked_last():
 
 def test_bad_settings_are_refused_naming_the_key(monkeypatch):
   cases = [
-      (dict(members=(4,), epochs=(1.0, 2.0)), "one entry per stage"),
-      (dict(members=(4, 0), epochs=(1.0, 1.0)), r"study.members\[1\] must be a positive integer"),
-      (dict(epochs=(1.0, 0.0)), r"study.epochs\[1\] must be > 0"),
+      (dict(stage_sizes=(4,), stage_epochs=(1.0, 2.0)), "one entry per stage"),
+      (dict(stage_sizes=(4, 0), stage_epochs=(1.0, 1.0)), r"study.stage_sizes\[1\] must be a positive integer"),
+      (dict(stage_epochs=(1.0, 0.0)), r"study.stage_epochs\[1\] must be > 0"),
       (dict(top_k=5), "study.top_k 5 is more than the 4 members of stage 1"),
       (dict(final_top=3), "study.final_top 3 is more than the 2 members of the last stage"),
       (dict(edge=0.5), r"study.edge must be in \(0, 0.5\)"),
@@ -197,8 +198,8 @@ def test_bad_settings_are_refused_naming_the_key(monkeypatch):
   with pytest.raises(ValueError, match="searches momentum, but optimizer.momentum.*no effect"):
     sweep.validate(adam)
   monkeypatch.setattr(sweep.jax, "device_count", lambda: 4)
-  with pytest.raises(ValueError, match=r"study.members\[1\] = 2 members do not divide over the 4 devices"):
-    sweep.validate(_config(members=(4, 2)))
+  with pytest.raises(ValueError, match=r"study.stage_sizes\[1\] = 2 members do not divide over the 4 devices"):
+    sweep.validate(_config(stage_sizes=(4, 2)))
 
 
 def test_the_binary_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):

@@ -114,8 +114,8 @@ def sweep() -> ml_collections.ConfigDict:
       schedule=_schedule(),
       loop=_pick(_loop(), batch_size=..., log_every=...),
       parallel=_pick(_parallel(), num_devices=...),
-      study=dict(space="learning_rate=log:1e-3:3, weight_decay=log:1e-6:1e-1", members=(32, 16), epochs=(1.0, 3.0),
-                 top_k=4, final_top=2, final_seeds=3, final_epochs=5.0, edge=0.1)))
+      study=dict(space="learning_rate=log:1e-3:3, weight_decay=log:1e-6:1e-1", stage_sizes=(32, 16),
+                 stage_epochs=(1.0, 3.0), top_k=4, final_top=2, final_seeds=3, final_epochs=5.0, edge=0.1)))
 
 
 def lr_finder() -> ml_collections.ConfigDict:
@@ -128,7 +128,7 @@ def lr_finder() -> ml_collections.ConfigDict:
       model=_model(), loss=_loss(),
       optimizer=_pick(_optimizer(), name=..., momentum=..., weight_decay=..., weight_decay_mode=..., clip_norm=...),
       loop=_pick(_loop(), batch_size=...),
-      study=dict(min_lr=1e-6, max_lr=10.0, steps=200, smooth=0.98, stop_factor=4.0)))
+      study=dict(min_lr=1e-6, max_lr=10.0, ramp_steps=200, smooth=0.98, stop_factor=4.0)))
 
 
 def sanity_checks() -> ml_collections.ConfigDict:
