@@ -12,7 +12,8 @@ on weights), label_smoothing, init_scale and seed (both used at creation). A mem
 BatchNorm statistics become non-finite is frozen at its last finite state and its step recorded in `diverged_at`; `freeze` stops
 members by hand (early stopping). Freezing changes data, not the program: nothing recompiles.
 
-`make_eval_step` evaluates every member on one shared batch (sums, as dlcore.train's eval step).
+`make_eval_step` evaluates every member on one shared batch (sums, as dlcore.train's eval step); `evaluate`
+gives each member's loss and accuracy over a whole split.
 
 Batches: one shared batch for every member ({'image': [N, ...], 'label': [N]}), or one per member ([K, N, ...],
 `per_member_batches=True`, e.g. each member's own data order). Devices: `make_mesh(pop, data)` builds a 2-D mesh
@@ -33,7 +34,7 @@ from dlcore import checks, losses, optim, parallel, train
 from dlcore import state as state_lib
 
 __all__ = ["DEFAULTS", "HYPERPARAMS", "POP_AXIS", "Population", "compile_eval_step", "compile_train_step", "create",
-           "estimate_bytes", "freeze", "make_eval_step", "make_mesh", "make_train_step", "member"]
+           "estimate_bytes", "evaluate", "freeze", "make_eval_step", "make_mesh", "make_train_step", "member"]
 
 POP_AXIS = "pop"
 # Every per-member hyperparameter and its value when not given.
@@ -147,7 +148,7 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
   computed. per_member_batches: every batch array has a leading [K] axis (else one batch serves all).
   vectorize: members as one vmapped computation (True), or one after another inside the one program (False):
   XLA:CPU runs a convolution vmapped over its weights as a grouped convolution, several times slower than K
-  separate ones (benchmarks/results/population_cpu.md), so conv nets on CPU train faster unvectorised.
+  separate ones, so conv nets on CPU train faster unvectorised.
   """
   losses.get(loss)
   checks.one_of("penalty", penalty, losses.PENALTIES)
@@ -192,6 +193,17 @@ def make_eval_step(loss: str = "cross_entropy") -> Callable:
     return train.make_eval_step(loss, **kwargs)(state, batch)
 
   return lambda pop, batch: jax.vmap(member_eval, in_axes=(0, 0, None))(pop.state, pop.hparams, batch)
+
+
+def evaluate(pop: Population, eval_step: Callable, batches) -> list[dict[str, float]]:
+  """Each member's mean loss and accuracy over every (mask-weighted) example of `batches`: `dlcore.loop.evaluate`
+  of every member at once, with `eval_step` from `make_eval_step`."""
+  sums = None
+  for batch in batches:
+    out = eval_step(pop, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  return [train.summarize(jax.tree.map(lambda x: x[k], sums)) for k in range(pop.size)]
 
 
 def _all_finite(tree) -> jax.Array:

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import logging as pylogging
+import math
 import os
 import sys
 import tempfile
@@ -42,6 +43,12 @@ def atomic_write(path: str, data: str | bytes) -> None:
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def finite_or_none(value) -> float | None:
+  """`value` as a float, or None (JSON null) when it is NaN or infinite."""
+  value = float(value)
+  return value if math.isfinite(value) else None
 
 
 def write_json(path: str, obj) -> None:

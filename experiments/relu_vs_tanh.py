@@ -50,7 +50,6 @@ depend on the machine's load; epochs and steps do not.
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -355,18 +354,14 @@ def train_round(study: dict, activation: str, rates: list[float], run_dir: str, 
       loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
     step_loss = np.asarray(loss_sum) / steps_per_epoch  # waits for the last step
     train_seconds = time.perf_counter() - t0
-    sums = None
-    for batch in eval_batches:
-      result = eval_fn(pop, batch)
-      sums = result if sums is None else jax.tree.map(lambda a, b: a + b, sums, result)
-    sums = jax.device_get(sums)
+    evals = population.evaluate(pop, eval_fn, eval_batches)
     diverged = np.asarray(pop.diverged_at) >= 0
     previous = records[0][-1]["cum_train_seconds"] if records[0] else 0.0
     for m in range(k):
       records[m].append({
           "epoch": epoch, "step": epoch * steps_per_epoch,
-          "train_error": float(1.0 - sums["correct"][m] / sums["count"][m]),
-          "train_loss": _finite(sums["loss_sum"][m] / sums["count"][m]), "step_loss": _finite(step_loss[m]),
+          "train_error": 1.0 - evals[m]["accuracy"], "train_loss": common.finite_or_none(evals[m]["loss"]),
+          "step_loss": common.finite_or_none(step_loss[m]),
           "diverged": bool(diverged[m]), "cum_train_seconds": previous + train_seconds,
           "images_per_sec": k * steps_per_epoch * batch_size / train_seconds})
     if stop:
@@ -391,11 +386,6 @@ def train_round(study: dict, activation: str, rates: list[float], run_dir: str, 
   common.write_json(path, out)
   return {**out, "members": [{**m, "records": trained(m["records"][:epochs], stop, target)}
                              for m in out["members"]]}
-
-
-def _finite(value) -> float | None:
-  value = float(value)
-  return value if math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

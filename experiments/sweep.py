@@ -141,22 +141,6 @@ def validate(config) -> tuple[dict, list[tuple[int, float]]]:
 # Training one stage: one population.
 
 
-def _finite(value) -> float | None:
-  value = float(value)
-  return value if math.isfinite(value) else None
-
-
-def _evaluate(pop, eval_step, batches) -> list[dict]:
-  sums = None
-  for batch in batches:
-    out = eval_step(pop, batch)
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  sums = jax.device_get(sums)
-  return [{"loss": _finite(sums["loss_sum"][k] / sums["count"][k]), "accuracy": float(sums["correct"][k] /
-                                                                                          sums["count"][k])}
-          for k in range(len(sums["count"]))]
-
-
 class Progress:
   """Progress lines with an ETA over the whole sweep, from member-steps done in training so far."""
 
@@ -166,6 +150,10 @@ class Progress:
   def add(self, member_steps: int, seconds: float) -> None:
     self.done += member_steps
     self.seconds += seconds
+
+  def rate(self) -> float:
+    """Member-steps per second of training so far."""
+    return self.done / max(self.seconds, 1e-9)
 
   def eta(self) -> str:
     if not self.done:
@@ -184,9 +172,7 @@ def train_stage(config, dataset, mesh, settings: list[dict], seeds: list[int], e
                                            len(dataset.train))
   batch_size = config.loop.batch_size
   orders = [data.TrainBatches(dataset.train, batch_size, seed=s) for s in (seeds if per_member_data else seeds[:1])]
-  base = {"learning_rate": config.optimizer.learning_rate, "momentum": config.optimizer.momentum,
-          "weight_decay": config.optimizer.weight_decay, "penalty_strength": config.loss.penalty_strength,
-          "label_smoothing": config.loss.label_smoothing, "init_scale": config.model.init_scale}
+  base = {name: config[group][key] for name, (group, key) in KEYS.items()}  # the config's values
   hparams = {**base, **{name: [s[name] for s in settings] for name in settings[0]}}
   model = train_lib.build_model(first, dataset.num_classes)
   start = time.perf_counter()
@@ -231,20 +217,21 @@ def train_stage(config, dataset, mesh, settings: list[dict], seeds: list[int], e
       if evaluate:
         train_loss = np.asarray(losses_sum) / (step + 1 - last_eval)
         losses_sum, last_eval = None, step + 1
-        for member, result in enumerate(_evaluate(pop, eval_step, validation)):
+        for member, result in enumerate(population.evaluate(pop, eval_step, validation)):
           curves[member].append({"epoch": round((step + 1) / steps_per_epoch, 4), "step": step + 1,
-                                 "train_loss": _finite(train_loss[member]), "val_loss": result["loss"],
+                                 "train_loss": common.finite_or_none(train_loss[member]),
+                                 "val_loss": common.finite_or_none(result["loss"]),
                                  "val_accuracy": result["accuracy"]})
         best = max(c[-1]["val_accuracy"] for c in curves)
         log(f"{label} epoch {(step + 1) / steps_per_epoch:.2f}: best validation accuracy {best:.4f} | "
-            f"{progress.done / max(progress.seconds, 1e-9):.0f} member-steps/s | ETA {progress.eta()}")
+            f"{progress.rate():.0f} member-steps/s | ETA {progress.eta()}")
       else:
-        log(f"{label} step {step + 1}/{total} | {progress.done / max(progress.seconds, 1e-9):.0f} member-steps/s | "
+        log(f"{label} step {step + 1}/{total} | {progress.rate():.0f} member-steps/s | "
             f"ETA {progress.eta()}")
       window_start = time.perf_counter()
 
   diverged = np.asarray(pop.diverged_at)
-  tests = _evaluate(pop, eval_step, data.EvalBatches(dataset.test, batch_size)) if test else [None] * k
+  tests = population.evaluate(pop, eval_step, data.EvalBatches(dataset.test, batch_size)) if test else [None] * k
   members = []
   for m in range(k):
     record = {"member": m, "seed": int(seeds[m]), "hparams": dict(settings[m]),
@@ -252,7 +239,7 @@ def train_stage(config, dataset, mesh, settings: list[dict], seeds: list[int], e
               "train_loss": curves[m][-1]["train_loss"],
               "diverged_at": int(diverged[m]) if diverged[m] >= 0 else None, "curve": curves[m]}
     if tests[m] is not None:
-      record.update(test_accuracy=tests[m]["accuracy"], test_loss=tests[m]["loss"])
+      record.update(test_accuracy=tests[m]["accuracy"], test_loss=common.finite_or_none(tests[m]["loss"]))
     members.append(record)
   return {"epochs": epochs, "steps": total, "steps_per_epoch": steps_per_epoch, "train_seconds": train_seconds,
           "members": members}

@@ -10,14 +10,12 @@ finished run whose step budget grew, and leaves a finished run untouched.
 import dataclasses
 import glob
 import io
-import json
 import math
 import os
 import shutil
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from dlcore import (activations, checkpoint, checks, data, ensemble, initializers, loop, losses, models, optim,
