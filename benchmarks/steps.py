@@ -14,7 +14,8 @@ arithmetic time: XLA's FLOPs per step over the measured float32 matmul peak (n=2
 
 Section 'features': the compiled train step (as the trainer compiles it) on one resident batch, with one optional
 feature switched on at a time -- dropout (keep 0.5), BatchNorm before / after the nonlinearity, on-device
-augmentation (flip,crop), bfloat16 compute -- against the plain step, alternating, for the MLP and the ConvNet.
+augmentation (flip,crop), bfloat16 compute, the trainer's per-layer diagnostics -- against the plain step,
+alternating, for the MLP and the ConvNet.
 
   python benchmarks/steps.py                    # both sections, ~10 min on 2 CPU cores; writes benchmarks/results/
   python benchmarks/steps.py --quick            # ~2 min
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import machine_info  # noqa: E402
-from dlcore import loop, models, optim, parallel, train  # noqa: E402
+from dlcore import diagnostics, loop, models, optim, parallel, train  # noqa: E402
 from dlcore import state as state_lib  # noqa: E402
 from dlcore.data import augment as augment_lib  # noqa: E402
 from dlcore.data import pipeline, resident  # noqa: E402
@@ -52,7 +53,7 @@ CASES = {
                          init_scale=0.01, batchnorm="before"), 60, (28, 28, 1), 60_000, "sgd", 0.5),
     "cifar_convnet": (dict(name="cifar_convnet"), 128, (32, 32, 3), 50_000, "momentum", 0.01),
 }
-FEATURES = ("plain", "dropout", "bn_before", "bn_after", "augment", "bfloat16")
+FEATURES = ("plain", "dropout", "bn_before", "bn_after", "augment", "bfloat16", "diagnostics")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["paths", "breakdown", "features"], "Sections to run: paths, breakdown, features.")
@@ -255,12 +256,18 @@ def bench_features(case: str, mesh, windows: int, window_s: float) -> dict:
   batch = parallel.shard_batch(synthetic(batch_size, shape, FLAGS.seed), mesh)
   variants = {"plain": ({}, None), "dropout": ({"keep_prob": 0.5}, None), "bn_before": ({"batchnorm": "before"}, None),
               "bn_after": ({"batchnorm": "after"}, None), "augment": ({}, "flip,crop"),
-              "bfloat16": ({"dtype": models.compute_dtype("bfloat16")}, None)}
+              "bfloat16": ({"dtype": models.compute_dtype("bfloat16")}, None), "diagnostics": ({}, None)}
   runners, states = {}, {}
   for name, (overrides, augment) in variants.items():
     state = parallel.replicate(_state(case, np.asarray(batch["image"]), **overrides), mesh)
+    layer_acts = None
+    if name == "diagnostics":  # the trainer's loop.diagnostics: per-layer norms, ratios, dead units
+      options = dict(CASES[case][0])
+      layer_acts = diagnostics.layer_activations(models.get(options.pop("name"), **options), state.variables(),
+                                                 batch["image"])
     step = parallel.compile_train_step(
-        train.make_train_step(augment=augment_lib.make(augment) if augment else None), mesh, state)
+        train.make_train_step(augment=augment_lib.make(augment) if augment else None, diagnostics=layer_acts),
+        mesh, state)
     states[name] = step(state, batch)[0]
     jax.block_until_ready(states[name])
 
@@ -354,7 +361,8 @@ def markdown(result: dict) -> str:
     lines += ["## The cost of each feature in the step", "",
               "The compiled train step (the trainer's compile options) on one resident batch, one feature on "
               "at a time; ms/step median [min-max] over alternating windows; vs plain: time ratio over "
-              "back-to-back pairs (above 1: slower). `--diagnostics` does not exist yet (issue #12).", ""]
+              "back-to-back pairs (above 1: slower). diagnostics: the trainer's `loop.diagnostics` (per-layer norms, "
+              "update/weight ratios, dead units), computed in every step.", ""]
     names = list(FEATURES)
     lines += ["| model | " + " | ".join(f"{n} ms" for n in names) + " | " +
               " | ".join(f"{n} vs plain" for n in names[1:]) + " |", "|---" * (2 * len(names)) + "|"]

@@ -9,6 +9,7 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   losses, masks               data losses; weight penalties and which parameters are weights
   optim                       optimisers and learning-rate schedules as optax transformations, by name
   state, train                TrainState; pure train_step(state, batch) -> (state, metrics) and eval_step
+  diagnostics                 per-layer norms, update/weight ratios, dead and saturated units, in the step
   loop                        fit(): progress, evaluation, checkpoints, exact resume, early stopping, NaN guard
   checkpoint, summaries       orbax checkpoints; metrics.jsonl and TensorBoard
   parallel                    data parallelism over a 'data' mesh; jax.distributed
@@ -28,14 +29,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["activations", "checkpoint", "checks", "data", "embedding", "ensemble", "gradcheck", "initializers",
+__all__ = ["activations", "checkpoint", "checks", "data", "diagnostics", "embedding", "ensemble", "gradcheck", "initializers",
            "layers", "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population",
            "sanity", "search", "state", "stats", "summaries", "train"]
 
 if TYPE_CHECKING:
-  from dlcore import (activations, checkpoint, checks, data, embedding, ensemble, gradcheck, initializers, layers,
-                      loop, losses, masks, models, optim, parallel, pooling, population, sanity, search, state,
-                      stats, summaries, train)
+  from dlcore import (activations, checkpoint, checks, data, diagnostics, embedding, ensemble, gradcheck,
+                      initializers, layers, loop, losses, masks, models, optim, parallel, pooling, population,
+                      sanity, search, state, stats, summaries, train)
 
 
 def __getattr__(name: str):

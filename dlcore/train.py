@@ -6,13 +6,13 @@ Batches are dicts {'image': [N, ...], 'label': [N]} with an optional float 'mask
 eval steps honour, so a padded last batch is counted exactly.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dlcore import checks, losses
+from dlcore import checks, diagnostics as diagnostics_lib, losses
 from dlcore.state import TrainState
 
 __all__ = ["Metrics", "make_eval_step", "make_train_step", "summarize"]
@@ -22,12 +22,16 @@ Metrics = dict[str, jax.Array]
 
 def make_train_step(loss: str = "cross_entropy", penalty: str = "none", penalty_strength: float = 0.0,
                     l1_ratio: float = 0.5, augment: Callable | None = None,
+                    diagnostics: Mapping[str, str | None] | None = None,
                     **loss_kwargs) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
   """Builds the step for data loss `loss` plus `penalty_strength` * penalty (on weights only).
 
   `augment(key, images) -> images` (see dlcore.data.augment) runs inside the compiled step, on device, with a
   key folded from the state's, so augmentation is as reproducible as dropout.
   Metrics: 'loss' (data loss), 'penalty', 'total_loss', 'accuracy', 'grad_norm' -- means over the batch.
+  `diagnostics` ({layer: activation name}, from `dlcore.diagnostics.layer_activations`) adds the per-layer
+  metrics of `dlcore.diagnostics` (norms, update/weight ratios, dead or saturated units); None leaves them out
+  of the compiled step.
   """
   loss_fn = losses.get(loss)
   checks.one_of("penalty", penalty, losses.PENALTIES)
@@ -37,17 +41,22 @@ def make_train_step(loss: str = "cross_entropy", penalty: str = "none", penalty_
     dropout_key, augment_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
     images = batch["image"] if augment is None else augment(augment_key, batch["image"])
 
+    mutable = ["batch_stats"] + (["intermediates"] if diagnostics is not None else [])
+
     def objective(params):
       logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                       train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                                       train=True, rngs={"dropout": dropout_key}, mutable=mutable)
       data_loss = loss_fn(logits, batch["label"], **loss_kwargs)
       reg = losses.penalty(penalty, params, penalty_strength, l1_ratio)
-      return data_loss + reg, (logits, updates.get("batch_stats", state.batch_stats), data_loss, reg)
+      return data_loss + reg, (logits, updates, data_loss, reg)
 
-    grads, (logits, batch_stats, data_loss, reg) = jax.grad(objective, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    grads, (logits, updates, data_loss, reg) = jax.grad(objective, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {"loss": data_loss, "penalty": reg, "total_loss": data_loss + reg,
                "accuracy": losses.accuracy(logits, batch["label"]), "grad_norm": optax.tree.norm(grads)}
+    if diagnostics is not None:
+      metrics.update(diagnostics_lib.step_metrics(state.params, grads, new_state.params, updates["intermediates"],
+                                                  diagnostics))
     return new_state, metrics
 
   return train_step

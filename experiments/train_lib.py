@@ -2,9 +2,10 @@
 
 `config` is the trainer's ConfigDict (`configs.schema.train`: groups data, model, loss, optimizer, schedule,
 loop, parallel, ensemble). `validate` checks all of it before any data is read or file written. The run writes
-to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/, curves.png and
-results.json; started again with the same workdir and config it resumes from the latest checkpoint, extends a
-finished run whose step budget grew, and leaves a finished run untouched.
+to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/, curves.png
+(and diagnostics.png with loop.diagnostics) and results.json; started again with the same workdir and config it
+resumes from the latest checkpoint, extends a finished run whose step budget grew, and leaves a finished run
+untouched.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from dlcore import (activations, checkpoint, checks, data, ensemble, initializers, loop, losses, models, optim,
+from dlcore import (activations, checkpoint, checks, data, diagnostics, ensemble, initializers, loop, losses, models, optim,
                     parallel, state as state_lib, summaries, train)
 from . import common, config_lib
 from .configs import schema
@@ -248,6 +249,40 @@ def plot_curves(metrics_path: str, out_path: str, eval_name: str) -> None:
   common.save_figure(fig, out_path)
 
 
+_DIAGNOSTIC_PANELS = (("learning_rate", "learning rate", "log"), ("param_norm", "||W||", "log"),
+                      ("grad_norm", "||dL/dW||", "log"), ("update_ratio", "||W_new - W|| / ||W||", "log"),
+                      ("dead", "dead units in the batch (fraction)", "linear"),
+                      ("saturated", "saturated outputs (fraction)", "linear"))
+
+
+def plot_diagnostics(metrics_path: str, out_path: str) -> None:
+  """The train records' diagnostics against step: the learning rate, and per layer the weight and gradient
+  norms, the update/weight ratio (with the lectures' 1e-3) and the dead or saturated fraction."""
+  rows = [r for r in summaries.read(metrics_path) if r["split"] == "train"]
+  panels = [(key, label, scale) for key, label, scale in _DIAGNOSTIC_PANELS
+            if any(k == key or k.startswith(key + "/") for r in rows for k in r)]
+  fig, axes = common.plt.subplots(2, 3, figsize=(15, 7.5), layout="constrained", squeeze=False)
+  steps = [r["step"] for r in rows]
+  layers = sorted({k.partition("/")[2] for r in rows for k in r if "/" in k})
+  colors = {layer: common.plt.cm.tab10(i % 10) for i, layer in enumerate(layers)}  # one colour per layer
+  for ax, (key, label, scale) in zip(axes.flat, panels):
+    if any(key in r for r in rows):  # the run-wide value (the learning rate; the global gradient norm)
+      ax.plot(steps, [r.get(key, float("nan")) for r in rows], color="k", label="all parameters" if layers else None)
+    for layer in layers:
+      if any(f"{key}/{layer}" in r for r in rows):
+        ax.plot(steps, [r.get(f"{key}/{layer}", float("nan")) for r in rows], color=colors[layer], label=layer)
+    if key == "update_ratio":
+      ax.axhline(1e-3, color="gray", linestyle="--", linewidth=1, label="1e-3")
+    ax.set(xlabel="step", ylabel=label, yscale=scale, title=label)
+    if scale == "linear":
+      ax.set_ylim(-0.02, 1.02)
+    if ax.get_legend_handles_labels()[1] and key != "learning_rate":
+      ax.legend(fontsize=7, ncol=1 + len(layers) // 10)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  common.save_figure(fig, out_path)
+
+
 def load_dataset(config) -> data.Dataset:
   """The dataset `config.data` names, with its validation split and training subset (not preprocessed)."""
   c = config.data
@@ -266,11 +301,13 @@ def _loss_kwargs(config) -> dict:
           "hinge": {"delta": config.loss.hinge_delta}}.get(config.loss.name, {})
 
 
-def make_train_step(config):
-  """The pure `train_step(state, batch)` of `config`'s loss, penalty and augmentation (dlcore.train)."""
+def make_train_step(config, layer_activations: dict | None = None):
+  """The pure `train_step(state, batch)` of `config`'s loss, penalty and augmentation (dlcore.train), with the
+  per-layer diagnostics of `layer_activations` (dlcore.diagnostics.layer_activations) when it is given."""
   augment = data.augment.make(config.data.augment) if config.data.augment else None
   return train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
-                               config.loss.l1_ratio, augment=augment, **_loss_kwargs(config))
+                               config.loss.l1_ratio, augment=augment, diagnostics=layer_activations,
+                               **_loss_kwargs(config))
 
 
 def training_source(batches: data.TrainBatches, mesh, *, resident: bool, steps_per_call: int, log):
@@ -317,8 +354,14 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
   eval_batches = data.EvalBatches(dataset.eval_split, batch_size, **procs)
   test_batches = data.EvalBatches(dataset.test, batch_size, **procs)
 
-  state = build_state(config, dataset, train_batches.batch_at(0)["image"])
-  step_fn = make_train_step(config)
+  sample = train_batches.batch_at(0)["image"]
+  state = build_state(config, dataset, sample)
+  layer_acts = None
+  if config.loop.diagnostics:
+    layer_acts = diagnostics.layer_activations(build_model(config, dataset.num_classes), state.variables(), sample)
+    log("diagnostics (loop.diagnostics): per-layer norms and update/weight ratios of " + ", ".join(layer_acts) +
+        "; dead units of relu layers, saturated units of tanh/sigmoid layers")
+  step_fn = make_train_step(config, layer_acts)
   learning_rate = learning_rate_schedule(config, len(dataset.train))
 
   def train_step(st, batch):  # the step, plus the learning rate its update used
@@ -403,6 +446,8 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
 
   if is_main:
     plot_curves(writer.path, os.path.join(workdir, "curves.png"), dataset.eval_split_name)
+    if config.loop.diagnostics:
+      plot_diagnostics(writer.path, os.path.join(workdir, "diagnostics.png"))
     common.write_json(os.path.join(workdir, "results.json"), results)
   writer.close()
   ckpt.close()

@@ -46,7 +46,7 @@ def _schedule() -> dict:
 
 def _loop() -> dict:
   return dict(batch_size=128, epochs=5.0, steps=0, eval_every=0, log_every=100, checkpoint_every=0,
-              keep_checkpoints=3, patience=0, steps_per_call=0)
+              keep_checkpoints=3, patience=0, steps_per_call=0, diagnostics=False)
 
 
 def _parallel() -> dict:
