@@ -7,7 +7,8 @@ r"""The general trainer: any dataset, model, loss, regulariser, optimiser and sc
 
 Config keys (groups data, model, loss, optimizer, schedule, loop, parallel, ensemble): experiments/configs/
 schema.py; override any with --config.group.key=value. Writes config.json, metrics.jsonl, tensorboard/,
-checkpoints/, curves.png and results.json to --workdir. The same command again resumes from the latest
+checkpoints/, curves.png and results.json to --workdir (--config.loop.diagnostics=True adds per-layer norms,
+update/weight ratios and dead or saturated units to the logs, and diagnostics.png). The same command again resumes from the latest
 checkpoint (or, for a finished run, prints its results); SIGTERM or Ctrl-C stops after the current step with a
 checkpoint and exit code 75. Besides --config and --workdir, the only flags are actions on the workdir
 (--overwrite, --extend_schedule) and the multi-host launch (--coordinator_address, --num_processes,
@@ -46,7 +47,8 @@ def print_results(results: dict, workdir: str) -> None:
           [f"best {results['eval_split']} accuracy", results["best_eval_accuracy"]],
           ["train images/s", results["train_images_per_sec"]], ["wall time (s)", results["wall_time_s"]]]
   print(common.format_table(["metric", "value"], rows))
-  print(f"wrote {workdir}/results.json, metrics.jsonl, curves.png")
+  pictures = "curves.png" + (", diagnostics.png" if os.path.exists(os.path.join(workdir, "diagnostics.png")) else "")
+  print(f"wrote {workdir}/results.json, metrics.jsonl, {pictures}")
 
 
 def _check_workdir_name(workdir: str) -> None:
