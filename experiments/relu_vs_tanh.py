@@ -32,8 +32,9 @@ Config: experiments/configs/relu_vs_tanh.py (keys: configs/schema.py); override 
 Writes to --workdir: config.json, results.json, curves.csv (training error per activation, rate, seed and epoch),
 rates.csv (epochs to target per activation, rate and seed), init_stats.csv, training_error.png (the paper's
 figure at the chosen rates: solid for the first activation, dashed for the second, a line at the target) and
-lr_search.png (epochs to target against the rate); and runs/<activation>_round<r>/ per population, with
-round.json (its settings and every member's records) and checkpoints/ (the population at every epoch end).
+lr_search.png (epochs to target, and the last training error, against the rate); and
+runs/<activation>_round<r>/ per population, with round.json (its settings and every member's records) and
+checkpoints/ (the population at every epoch end).
 Running the command again reuses finished populations and resumes unfinished ones from their last epoch (a
 longer study.max_epochs continues them); a population whose settings differ otherwise is refused unless
 --overwrite (which discards every population in --workdir).
@@ -599,35 +600,43 @@ def plot_curves(results: dict, curves: dict, path: str) -> None:
 
 
 def plot_search(results: dict, path: str) -> None:
-  """Mean epochs to target against the rate, per activation; a rate some seed never got there with is drawn
-  hollow (a lower bound), a diverged rate as x at the top, the chosen rate as a star."""
+  """Left: mean epochs to target against the rate, per activation; a rate some seed never got there with is drawn
+  hollow (a lower bound), a diverged rate as x at the top, the chosen rate as a star. Right: the mean final
+  training error per rate, the tie-break between rates that miss the target alike."""
   s = results["settings"]
   top = s["max_epochs"] + 1
-  fig, ax = common.plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+  fig, (ax, ax_err) = common.plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
   for i, act in enumerate(s["activations"]):
     rows = results["search"][act]["rates"]
     color = f"C{i}"
     ok = [r for r in rows if not r["diverged"]]
     ax.plot([r["learning_rate"] for r in ok], [r["score"] for r in ok], LINESTYLES[i % len(LINESTYLES)],
             color=color, label=act)
+    ax_err.plot([r["learning_rate"] for r in ok], [r["final_train_error"] for r in ok],
+                LINESTYLES[i % len(LINESTYLES)], marker="o", color=color, label=act)
     for r in ok:
       full = all(e is not None for e in r["epochs_to_target"])
       ax.plot([r["learning_rate"]], [r["score"]], "o", color=color, markerfacecolor=color if full else "white")
     gone = [r["learning_rate"] for r in rows if r["diverged"]]
     if gone:
       ax.plot(gone, [top] * len(gone), "x", color=color, markersize=9)
-    chosen = results["activations"][act]["learning_rate"]
-    ax.plot([chosen], [next(r["score"] for r in rows if r["learning_rate"] == chosen)], "*", color="k",
-            markersize=14)
+    chosen = next(r for r in rows if r["learning_rate"] == results["activations"][act]["learning_rate"])
+    ax.plot([chosen["learning_rate"]], [chosen["score"]], "*", color="k", markersize=14)
+    ax_err.plot([chosen["learning_rate"]], [chosen["final_train_error"]], "*", color="k", markersize=14)
   ax.axhline(top, color="gray", linewidth=0.8, linestyle=":")
-  ax.set(xscale="log", xlabel="learning rate", ylabel=f"epochs to {s['target_error']:.0%} training error (mean)",
-         ylim=(0, top + 1), title=f"rate search (star: chosen; hollow: some seed missed it within {s['max_epochs']}, "
-                                  f"counted as {top}; x: diverged)")
+  ax.set(ylabel=f"epochs to {s['target_error']:.0%} training error (mean)", ylim=(0, top + 1),
+         title=f"rate search (star: chosen; hollow: some seed missed it within {s['max_epochs']}, "
+               f"counted as {top}; x: diverged)")
+  ax_err.axhline(s["target_error"], color="gray", linewidth=0.8, linestyle=":", label=f"target {s['target_error']:g}")
+  ax_err.set(ylabel="final training error (mean over seeds)", ylim=(0, None),
+             title="tie-break: training error at the last epoch trained (a member stops at the target)")
   tried = sorted({r["learning_rate"] for act in s["activations"] for r in results["search"][act]["rates"]})
-  ax.set_xticks(tried, [f"{lr:.3g}" for lr in tried])
-  ax.set_xticks([], minor=True)
-  ax.title.set_fontsize(9)
-  ax.legend()
+  for a in (ax, ax_err):
+    a.set(xscale="log", xlabel="learning rate")
+    a.set_xticks(tried, [f"{lr:.3g}" for lr in tried])
+    a.set_xticks([], minor=True)
+    a.title.set_fontsize(9)
+    a.legend()
   common.save_figure(fig, path)
 
 
