@@ -30,7 +30,7 @@ from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "learning_rate_schedule", "load_dataset", "make_train_step", "num_classes",
+           "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step", "num_classes",
            "plan_steps", "train_and_evaluate", "training_source", "transfer_start", "validate",
            "validate_transfer"]
 
@@ -95,6 +95,11 @@ def _schedule_params(config) -> dict:
 def num_classes(config) -> int | None:
   """The number of classes the run trains on: len(data.classes) when set, else None (the dataset's)."""
   return len(config.data.classes) or None
+
+
+def layer_names(config) -> tuple[str, ...]:
+  """The layer names (top-level params entries, `dlcore.transfer`) of the model `config` builds."""
+  return transfer.layer_names(_layer_params(config))
 
 
 def _layer_params(config):
@@ -328,11 +333,13 @@ def plot_curves(metrics_path: str, out_path: str, eval_name: str) -> None:
   common.save_figure(fig, out_path)
 
 
-def load_dataset(config) -> data.Dataset:
-  """The dataset `config.data` names, with its validation split and training subset (not preprocessed)."""
+def load_dataset(config, *, full: data.Dataset | None = None) -> data.Dataset:
+  """The dataset `config.data` names, with its validation split, classes and training subset (not
+  preprocessed); `full`: that dataset already loaded with the validation split (callers training several runs
+  on parts of one dataset load it once)."""
   c = config.data
   validation = None if c.validation_size < 0 else c.validation_size
-  dataset = data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
+  dataset = full or data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
   if c.classes or c.per_class:
     try:
       dataset = data.select_classes(dataset, c.classes or range(dataset.num_classes), per_class=c.per_class,
