@@ -1,10 +1,10 @@
 """train_and_evaluate(config, workdir): one training run, shared by the trainer and the study binaries.
 
 `config` is the trainer's ConfigDict (`configs.schema.train`: groups data, model, loss, optimizer, schedule,
-loop, parallel, ensemble, transfer). `validate` checks all of it before any data is read or file written. The run writes
-to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/, curves.png and
-results.json; started again with the same workdir and config it resumes from the latest checkpoint, extends a
-finished run whose step budget grew, and leaves a finished run untouched.
+loop, parallel, ensemble, transfer). `validate` checks all of it before any data is read or file written. The
+run writes to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/,
+curves.png and results.json; started again with the same workdir and config it resumes from the latest
+checkpoint, extends a finished run whose step budget grew, and leaves a finished run untouched.
 
 Transfer (`transfer.init_from` = a finished run's workdir): a new run starts from the params and BatchNorm
 statistics of that run's last checkpoint (not its optimiser state), except the `transfer.reinit` layers, which
@@ -30,8 +30,8 @@ from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step", "num_classes",
-           "plan_steps", "train_and_evaluate", "training_source", "transfer_start", "validate",
+           "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step",
+           "num_classes", "plan_steps", "train_and_evaluate", "training_source", "transfer_start", "validate",
            "validate_transfer"]
 
 BINARY = "train"

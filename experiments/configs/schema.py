@@ -2,9 +2,10 @@
 
 A key means the same thing in every binary that reads it and lives in the same group: `data` (what is read),
 `model`, `loss`, `optimizer`, `schedule`, `loop` (how long and how often), `parallel`, `ensemble`, `transfer`
-(starting from another run's weights), and `study` for what only one study has. Each binary reads a subset (`SCHEMAS`); a config file gives the binary's schema
-with some values changed, and `experiments.config_lib` refuses keys outside it. None means "the default of the
-thing it configures" (the model's BatchNorm placement, a schedule's own default for its parameter, ...).
+(starting from another run's weights), and `study` for what only one study has. Each binary reads a subset
+(`SCHEMAS`); a config file gives the binary's schema with some values changed, and `experiments.config_lib`
+refuses keys outside it. None means "the default of the thing it configures" (the model's BatchNorm placement,
+a schedule's own default for its parameter, ...).
 """
 
 import ml_collections
