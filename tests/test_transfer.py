@@ -121,7 +121,7 @@ def test_start_copies_the_source_and_reinit_layers_equal_a_fresh_init(source_run
   assert not _arrays_equal(start.params["layer0"], fresh.params["layer0"])
 
 
-def test_frozen_layers_and_their_statistics_stay_bit_identical(source_run, tmp_path):
+def test_frozen_layers_and_their_statistics_stay_bit_identical_and_a_resume_restores_its_own(source_run, tmp_path):
   workdir, source = source_run
   run = str(tmp_path / "frozen")
   train_lib.train_and_evaluate(_config(workdir, freeze=("layer0",), lr_scale=0.5), run, log=lambda m: None)
@@ -132,6 +132,13 @@ def test_frozen_layers_and_their_statistics_stay_bit_identical(source_run, tmp_p
   assert _arrays_equal(after["batch_stats"]["layer0"], source["batch_stats"]["layer0"])
   assert not _arrays_equal(after["params"]["layer1"], source["params"]["layer1"])  # transferred, trained
   assert not _arrays_equal(after["batch_stats"]["layer1"], source["batch_stats"]["layer1"])
+  longer, messages = _config(workdir, freeze=("layer0",), lr_scale=0.5), []
+  longer.loop.steps = 9  # extended: the run resumes from its own step-6 checkpoint, not from the source
+  train_lib.train_and_evaluate(longer, run, log=messages.append)
+  assert any(m.startswith("resumed from step 6") for m in messages)
+  assert not any(m.startswith("transfer:") for m in messages)
+  with checkpoint.Checkpointer(os.path.join(run, "checkpoints")) as ckpt:
+    assert _arrays_equal(ckpt.restore_variables(9)["params"]["layer0"], source["params"]["layer0"])
 
 
 def test_transfer_config_errors_before_any_work(source_run, tmp_path):
