@@ -19,6 +19,7 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   stats, gradcheck, ensemble  activation/gradient statistics; float64 gradient checks; ensembles
   sanity                      cs231n's checks before a long run: initial loss, penalty, overfitting, gradients
   embedding                   2-D embeddings of features for pictures: PCA, exact t-SNE
+  transfer                    start from another model: re-initialise, freeze, smaller learning rate by layer
   pooling, checks             pooling with CPU-friendly gradients; argument validation
 
 Conventions: images are NHWC; dropout is given as keep_prob (probability of keeping a unit) or, in
@@ -31,12 +32,12 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = ["activations", "checkpoint", "checks", "data", "diagnostics", "embedding", "ensemble", "gradcheck", "initializers",
            "layers", "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population",
-           "sanity", "search", "state", "stats", "summaries", "train"]
+           "sanity", "search", "state", "stats", "summaries", "train", "transfer"]
 
 if TYPE_CHECKING:
   from dlcore import (activations, checkpoint, checks, data, diagnostics, embedding, ensemble, gradcheck,
                       initializers, layers, loop, losses, masks, models, optim, parallel, pooling, population,
-                      sanity, search, state, stats, summaries, train)
+                      sanity, search, state, stats, summaries, train, transfer)
 
 
 def __getattr__(name: str):

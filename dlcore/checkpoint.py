@@ -215,6 +215,34 @@ class Checkpointer:
       raise ValueError(f"step must be an int, 'latest', 'best' or None; got {step!r}")
     return self._restore_step(template, step, which)
 
+  def restore_variables(self, step: int | None = None) -> dict:
+    """The model variables {'params', 'batch_stats'} of checkpoint `step` (None: the latest), without a template
+    (so another optimiser's checkpoint works too: its optimiser state is read and dropped). The arrays are
+    verified against the fingerprint taken at save time, and params must be finite (CorruptCheckpoint);
+    FileNotFoundError when there is no such checkpoint."""
+    self._manager.wait_until_finished()
+    step = self.latest_step() if step is None else int(step)
+    steps = self.all_steps()
+    if step is None or step not in steps:
+      which = "latest checkpoint" if step is None else f"checkpoint {step}"
+      raise FileNotFoundError(f"no {which} in {self.directory} (complete steps: {steps or 'none'})")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - whatever orbax raises for a damaged checkpoint
+      raise CorruptCheckpoint(_one_line(e)) from None
+    arrays, meta = dict(restored["state"]), dict(restored["meta"])
+    variables = {"params": arrays["params"], "batch_stats": arrays.get("batch_stats") or {}}
+    if "fingerprint" in meta:  # leaves in key order: batch_stats, opt_state, params, rng (one key array)
+      saved = meta["fingerprint"]
+      n_stats, n_params = len(jax.tree.leaves(variables["batch_stats"])), len(jax.tree.leaves(variables["params"]))
+      expected = saved[:n_stats] + saved[len(saved) - 1 - n_params:len(saved) - 1]
+      if [int(v) for v in np.asarray(_fingerprint(variables))] != expected:
+        raise CorruptCheckpoint(f"checkpoint {step} in {self.directory}: its arrays differ from what was saved")
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(variables["params"])):
+      raise CorruptCheckpoint(f"checkpoint {step} in {self.directory}: its parameters are not finite")
+    return variables
+
   def _restore_step(self, template: TrainState, step: int | None, which: str) -> tuple[TrainState, dict]:
     steps = self.all_steps()
     if step is None or step not in steps:

@@ -12,7 +12,14 @@ update/weight ratios and dead or saturated units to the logs, and diagnostics.pn
 checkpoint (or, for a finished run, prints its results); SIGTERM or Ctrl-C stops after the current step with a
 checkpoint and exit code 75. Besides --config and --workdir, the only flags are actions on the workdir
 (--overwrite, --extend_schedule) and the multi-host launch (--coordinator_address, --num_processes,
---process_id): none of them changes what a run computes, so none belongs in its config.
+--process_id): none of them changes what a run computes, so none belongs in its config; --init_from=WORKDIR is
+shorthand for --config.transfer.init_from=WORKDIR (recorded in config.json like any key).
+
+Transfer learning: --init_from=WORKDIR starts from the last checkpoint of that finished run (params and
+BatchNorm statistics, not the optimiser state); transfer.reinit (default: the classifier) re-initialises layers,
+transfer.freeze keeps layers fixed, transfer.lr_scale scales the learning rate of the other transferred layers:
+
+  python -m experiments.train --workdir=runs/b --init_from=runs/a --config.transfer.freeze="('layer0',)"
 """
 
 import json
@@ -36,6 +43,9 @@ flags.DEFINE_bool("overwrite", False, "Discard a run with a different config in 
 flags.DEFINE_bool("extend_schedule", False, "When loop.steps or loop.epochs grows and the schedule depends on the "
                   "run's length (warmup_cosine, linear), continue with the new length's schedule from the current "
                   "step.")
+flags.DEFINE_string("init_from", None, "Shorthand for --config.transfer.init_from: a finished run's workdir whose "
+                    "last checkpoint seeds this run (the transfer.* keys say which layers are re-initialised, "
+                    "frozen, or trained at a scaled learning rate).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (auto under SLURM/TPU).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -83,6 +93,11 @@ def main(argv):
   config = CONFIG.value
   workdir = FLAGS.workdir
   try:
+    if FLAGS.init_from is not None:
+      if config.transfer.init_from not in (None, FLAGS.init_from):
+        raise ValueError(f"--init_from={FLAGS.init_from} and --config.transfer.init_from="
+                         f"{config.transfer.init_from} disagree; give one of them")
+      config.transfer.init_from = FLAGS.init_from
     _check_workdir_name(workdir)
     train_lib.validate(config)
   except (ValueError, TypeError) as e:

@@ -1,11 +1,17 @@
 """train_and_evaluate(config, workdir): one training run, shared by the trainer and the study binaries.
 
 `config` is the trainer's ConfigDict (`configs.schema.train`: groups data, model, loss, optimizer, schedule,
-loop, parallel, ensemble). `validate` checks all of it before any data is read or file written. The run writes
-to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/, curves.png
-(and diagnostics.png with loop.diagnostics) and results.json; started again with the same workdir and config it
-resumes from the latest checkpoint, extends a finished run whose step budget grew, and leaves a finished run
-untouched.
+loop, parallel, ensemble, transfer). `validate` checks all of it before any data is read or file written. The
+run writes to `workdir`: config.json (loadable back as --config), metrics.jsonl, tensorboard/, checkpoints/,
+curves.png (and diagnostics.png with loop.diagnostics) and results.json; started again with the same workdir and
+config it resumes from the latest checkpoint, extends a finished run whose step budget grew, and leaves a
+finished run untouched.
+
+Transfer (`transfer.init_from` = a finished run's workdir): a new run starts from the params and BatchNorm
+statistics of that run's last checkpoint (not its optimiser state), except the `transfer.reinit` layers, which
+keep this run's fresh initialisation; the `transfer.freeze` layers get zero updates (and keep the source's
+BatchNorm statistics), the other transferred layers train at `transfer.lr_scale` times the learning rate
+(`dlcore.transfer`). init_from only seeds the start: a resumed run restores its own checkpoint.
 """
 
 import dataclasses
@@ -19,14 +25,15 @@ import time
 import jax
 import numpy as np
 
-from dlcore import (activations, checkpoint, checks, data, diagnostics, ensemble, initializers, loop, losses, models, optim,
-                    parallel, state as state_lib, summaries, train)
+from dlcore import (activations, checkpoint, checks, data, diagnostics, ensemble, initializers, loop, losses, models,
+                    optim, parallel, state as state_lib, summaries, train, transfer)
 from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "learning_rate_schedule", "load_dataset", "make_train_step", "plan_steps",
-           "train_and_evaluate", "training_source", "validate"]
+           "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step",
+           "num_classes", "plan_steps", "train_and_evaluate", "training_source", "transfer_start", "validate",
+           "validate_transfer"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
@@ -86,6 +93,55 @@ def _schedule_params(config) -> dict:
   return {k: v for k, v in config.schedule.items() if k != "name" and v is not None}
 
 
+def num_classes(config) -> int | None:
+  """The number of classes the run trains on: len(data.classes) when set, else None (the dataset's)."""
+  return len(config.data.classes) or None
+
+
+def layer_names(config) -> tuple[str, ...]:
+  """The layer names (top-level params entries, `dlcore.transfer`) of the model `config` builds."""
+  return transfer.layer_names(_layer_params(config))
+
+
+def _layer_params(config):
+  """The shapes of the model's params, initialised abstractly on a stand-in input (the layer names, which is
+  what they are read for, do not depend on the input's shape)."""
+  model = build_model(config, num_classes(config) or 10)
+  sample = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+  return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x,
+                                             train=False), sample)["params"]
+
+
+def _has_checkpoint(directory: str) -> bool:
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def validate_transfer(config) -> None:
+  """The transfer group's checks: the source is a finished run with a checkpoint, the layer names exist in this
+  model and freeze and reinit do not contradict (ValueError naming the key and what is allowed)."""
+  t = config.transfer
+  if t.init_from is None:
+    for key in ("reinit", "freeze", "lr_scale"):
+      if _changed(config, f"transfer.{key}"):
+        raise ValueError(f"transfer.{key}={t[key]!r} has no effect: transfer.init_from is not set")
+    return
+  checks.positive("transfer.lr_scale", t.lr_scale)
+  source = t.init_from
+  if not os.path.isdir(source):
+    raise ValueError(f"transfer.init_from: {source} is not a folder (give a finished trainer run's --workdir)")
+  for name in ("config.json", "results.json"):
+    if not os.path.isfile(os.path.join(source, name)):
+      raise ValueError(f"transfer.init_from: {source} holds no {name}; give a finished trainer run's --workdir")
+  if not _has_checkpoint(os.path.join(source, "checkpoints")):
+    raise ValueError(f"transfer.init_from: {source} holds no checkpoint in checkpoints/")
+  try:
+    label_tree = transfer.labels(_layer_params(config), reinit=tuple(t.reinit), freeze=tuple(t.freeze))
+  except ValueError as e:
+    raise ValueError(f"transfer.{e}") from None
+  if t.lr_scale != 1.0 and "transferred" not in jax.tree.leaves(label_tree):
+    raise ValueError(f"transfer.lr_scale={t.lr_scale!r} has no effect: every layer is frozen or re-initialised")
+
+
 def validate(config) -> None:
   """Every check that needs no data: names, ranges, and keys that would have no effect (ValueError naming the
   key and what is allowed). Run before anything is loaded or written."""
@@ -99,13 +155,18 @@ def validate(config) -> None:
   if c.data.validation_size < -1:
     raise ValueError(f"data.validation_size must be >= -1 (-1: the dataset's default), got {c.data.validation_size}")
   checks.non_negative("data.subset", c.data.subset)
+  checks.non_negative("data.per_class", c.data.per_class)
+  classes = c.data.classes
+  if classes and (len(classes) < 2 or len(set(classes)) != len(classes)
+                  or not all(isinstance(k, int) and k >= 0 for k in classes)):
+    raise ValueError(f"data.classes must be at least two distinct labels >= 0 (or () for all), got {classes!r}")
   for i, width in enumerate(c.model.hidden):
     if not isinstance(width, int) or width <= 0:
       raise ValueError(f"model.hidden[{i}] must be a positive integer, got {width!r} (model.hidden={c.model.hidden!r})")
   activations.get(c.model.activation)
   initializers.get(c.model.init, c.model.init_scale)
   models.compute_dtype(c.model.dtype)
-  build_model(c, 10)
+  build_model(c, num_classes(c) or 10)
   losses.get(c.loss.name)
   checks.one_of("loss.penalty", c.loss.penalty, losses.PENALTIES)
   checks.in_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 1.0, high_open=True)
@@ -148,6 +209,7 @@ def validate(config) -> None:
   if c.parallel.num_devices is not None:
     checks.positive("parallel.num_devices", c.parallel.num_devices)
   checks.one_of("parallel.bn_stats", c.parallel.bn_stats, parallel.BN_STATS)
+  validate_transfer(c)
   for other in c.ensemble.members or ():
     if not os.path.isfile(os.path.join(other, "config.json")) or not os.path.isdir(os.path.join(other, "checkpoints")):
       raise ValueError(f"ensemble.members: {other} is not a finished run's workdir (no config.json and checkpoints/)")
@@ -176,12 +238,35 @@ def build_state(config, dataset: data.Dataset, sample: np.ndarray,
                 learning_rate: optim.LearningRate | None = None) -> state_lib.TrainState:
   """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`;
   `learning_rate` replaces the config's schedule (the learning-rate range test sweeps its own)."""
-  o = config.optimizer
+  o, t = config.optimizer, config.transfer
   if learning_rate is None:
     learning_rate = learning_rate_schedule(config, len(dataset.train))
-  tx = optim.optimizer(o.name, learning_rate, momentum=o.momentum,
-                       weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode, clip_norm=o.clip_norm)
+  make = lambda lr, clip_norm=o.clip_norm: optim.optimizer(
+      o.name, lr, momentum=o.momentum, weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode,
+      clip_norm=clip_norm)
+  if t.init_from is None:
+    tx = make(learning_rate)
+  else:  # frozen / transferred / new layers (the labels of the params tree)
+    label_fn = lambda params: transfer.labels(params, reinit=tuple(t.reinit), freeze=tuple(t.freeze))
+    tx = transfer.optimizer(lambda lr: make(lr, None), learning_rate, label_fn, lr_scale=t.lr_scale,
+                            clip_norm=o.clip_norm)
   return state_lib.create(build_model(config, dataset.num_classes), tx, sample, config.seed, lsuv_batch=sample)
+
+
+def transfer_start(config, state: state_lib.TrainState, log=print) -> state_lib.TrainState:
+  """`state` with the params and BatchNorm statistics of the last checkpoint of `transfer.init_from`, except the
+  `transfer.reinit` layers (ValueError naming a layer whose shapes differ)."""
+  t = config.transfer
+  with checkpoint.Checkpointer(os.path.join(t.init_from, "checkpoints")) as ckpt:
+    step = ckpt.latest_step()
+    source = ckpt.restore_variables(step)
+  variables = transfer.transfer_variables(source, state.variables(), reinit=tuple(t.reinit))
+  labels = transfer.labels(state.params, reinit=tuple(t.reinit), freeze=tuple(t.freeze))
+  by_label = {k: [n for n in state.params if jax.tree.leaves(labels[n])[0] == k] for k in transfer.LABELS}
+  log(f"transfer: from {t.init_from} (step {step}): transferred {', '.join(by_label['transferred']) or 'none'} "
+      f"(lr x {t.lr_scale:g}), frozen {', '.join(by_label['frozen']) or 'none'}, re-initialised "
+      f"{', '.join(by_label['new']) or 'none'}")
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def check_workdir(workdir: str, config, *, overwrite: bool = False, extend_schedule: bool = False,
@@ -283,11 +368,19 @@ def plot_diagnostics(metrics_path: str, out_path: str) -> None:
   common.save_figure(fig, out_path)
 
 
-def load_dataset(config) -> data.Dataset:
-  """The dataset `config.data` names, with its validation split and training subset (not preprocessed)."""
+def load_dataset(config, *, full: data.Dataset | None = None) -> data.Dataset:
+  """The dataset `config.data` names, with its validation split, classes and training subset (not
+  preprocessed); `full`: that dataset already loaded with the validation split (callers training several runs
+  on parts of one dataset load it once)."""
   c = config.data
   validation = None if c.validation_size < 0 else c.validation_size
-  dataset = data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
+  dataset = full or data.load(c.dataset, data_dir=c.data_dir, validation_size=validation, tfds_download=c.download)
+  if c.classes or c.per_class:
+    try:
+      dataset = data.select_classes(dataset, c.classes or range(dataset.num_classes), per_class=c.per_class,
+                                    seed=config.seed)
+    except ValueError as e:
+      raise ValueError(f"data.classes / data.per_class: {e}") from None
   if c.subset:
     if c.subset > len(dataset.train):
       raise ValueError(f"data.subset {c.subset} is larger than the training set ({len(dataset.train)} examples)")
@@ -305,9 +398,18 @@ def make_train_step(config, layer_activations: dict | None = None):
   """The pure `train_step(state, batch)` of `config`'s loss, penalty and augmentation (dlcore.train), with the
   per-layer diagnostics of `layer_activations` (dlcore.diagnostics.layer_activations) when it is given."""
   augment = data.augment.make(config.data.augment) if config.data.augment else None
-  return train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
+  step = train.make_train_step(config.loss.name, config.loss.penalty, config.loss.penalty_strength,
                                config.loss.l1_ratio, augment=augment, diagnostics=layer_activations,
                                **_loss_kwargs(config))
+  freeze = tuple(config.transfer.freeze) if config.transfer.init_from is not None else ()
+  if not freeze:
+    return step
+
+  def frozen_stats_step(state, batch):  # frozen layers keep the source's BatchNorm statistics
+    new, metrics = step(state, batch)
+    return new.replace(batch_stats=transfer.keep_frozen_stats(state.batch_stats, new.batch_stats, freeze)), metrics
+
+  return frozen_stats_step
 
 
 def training_source(batches: data.TrainBatches, mesh, *, resident: bool, steps_per_call: int, log):
@@ -356,6 +458,8 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
 
   sample = train_batches.batch_at(0)["image"]
   state = build_state(config, dataset, sample)
+  if config.transfer.init_from is not None and not _has_checkpoint(os.path.join(workdir, "checkpoints")):
+    state = transfer_start(config, state, log)  # a resumed run restores its own checkpoint instead
   layer_acts = None
   if config.loop.diagnostics:
     layer_acts = diagnostics.layer_activations(build_model(config, dataset.num_classes), state.variables(), sample)

@@ -173,9 +173,12 @@ def embedding_figure(points: np.ndarray, labels: np.ndarray, class_names: tuple[
 
 def restore(config, run: str, dataset):
   """(initial state, trained state, its step, a training batch): the run's initial weights rebuilt from its
-  seed and first batch (what LSUV sees), and its latest checkpoint restored into them."""
+  seed and first batch (what LSUV sees) and, for a transfer run, its source's checkpoint (transfer.init_from),
+  and its latest checkpoint restored into them."""
   sample = data.TrainBatches(dataset.train, config.loop.batch_size, seed=config.seed).batch_at(0)["image"]
   initial = train_lib.build_state(config, dataset, sample)
+  if config.transfer.init_from is not None:
+    initial = train_lib.transfer_start(config, initial, log=lambda message: None)
   with checkpoint.Checkpointer(os.path.join(run, "checkpoints")) as ckpt:
     trained, meta = ckpt.restore(initial)
   return initial, trained, int(meta["step"]), sample

@@ -95,6 +95,21 @@ def test_round_trip_of_other_optimiser_states(tmp_path, tx, batchnorm):
   assert isinstance(restored.opt_state[0], type(state.opt_state[0]))  # optax namedtuples, not dicts
 
 
+@pytest.mark.parametrize("tx,batchnorm", [("adam", "before"), ("sgd", "none")])
+def test_restore_variables_needs_no_template(tmp_path, tx, batchnorm):
+  """Params and batch_stats of any optimiser's checkpoint, bit for bit; a missing step is named."""
+  state = perturbed(make_state(tx=tx, batchnorm=batchnorm))
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(state, force=True)
+    got = ckpt.restore_variables()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint 3 in .* \(complete steps: \[5\]\)"):
+      ckpt.restore_variables(3)
+  want = {"params": state.params, "batch_stats": state.batch_stats}
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("impl", ["rbg", "raw"])
 def test_round_trip_of_other_prng_keys(tmp_path, impl):
   """A typed key of another implementation comes back with it; a legacy raw uint32 key stays raw."""

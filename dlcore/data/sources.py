@@ -38,7 +38,7 @@ import numpy as np
 
 from dlcore import checks
 
-__all__ = ["IMAGE_EXTENSIONS", "NAMES", "Dataset", "Split", "load", "read_idx", "synthetic"]
+__all__ = ["IMAGE_EXTENSIONS", "NAMES", "Dataset", "Split", "load", "read_idx", "select_classes", "synthetic"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm")
 
@@ -204,6 +204,47 @@ def synthetic(*, image_shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, 
             f"seed {seed}, generated in memory")
   return _assemble("synthetic", train_x, train_y, test_x, test_y, validation_size, num_classes,
                    tuple(f"blob{k}" for k in range(num_classes)), source)
+
+
+def select_classes(dataset: Dataset, classes: Sequence[int], *, per_class: int = 0, seed: int = 0) -> Dataset:
+  """`dataset` restricted to `classes` (original labels), relabelled 0..k-1 in the order given, in every split.
+
+  per_class > 0 keeps that many training examples of each class (a balanced subset drawn without replacement
+  with numpy's generator seeded by `seed`, in the original order); a class with fewer is a ValueError. The
+  validation and test splits keep every example of the chosen classes.
+  """
+  classes = tuple(int(c) for c in classes)
+  if not classes:
+    raise ValueError("classes must name at least one class")
+  bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise ValueError(f"classes must be distinct labels in [0, {dataset.num_classes - 1}] of {dataset.name}, "
+                     f"got {classes}")
+  checks.non_negative("per_class", per_class)
+  relabel = np.full(dataset.num_classes, -1, np.int32)
+  relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+
+  def keep(split, per_class=0):
+    if split is None:
+      return None
+    index = np.flatnonzero(relabel[split.labels] >= 0)
+    if per_class:
+      rng = np.random.default_rng(seed)
+      chosen = []
+      for c in classes:
+        members = index[split.labels[index] == c]
+        if len(members) < per_class:
+          raise ValueError(f"per_class {per_class} is more than the {len(members)} training examples of class "
+                           f"{c} ({dataset.class_names[c]})")
+        chosen.append(rng.choice(members, per_class, replace=False))
+      index = np.sort(np.concatenate(chosen))
+    return Split(split.images[index], relabel[split.labels[index]])
+
+  source = (f"{dataset.source}; classes {list(classes)} relabelled 0..{len(classes) - 1}"
+            + (f", {per_class} training examples per class (seed {seed})" if per_class else ""))
+  return dataclasses.replace(dataset, train=keep(dataset.train, per_class), validation=keep(dataset.validation),
+                             test=keep(dataset.test), num_classes=len(classes),
+                             class_names=tuple(dataset.class_names[c] for c in classes), source=source)
 
 
 def _assemble(name, train_x, train_y, test_x, test_y, validation_size, num_classes, class_names, source):

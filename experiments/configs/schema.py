@@ -1,22 +1,23 @@
 """The one config schema of every binary: typed ml_collections groups with their defaults.
 
 A key means the same thing in every binary that reads it and lives in the same group: `data` (what is read),
-`model`, `loss`, `optimizer`, `schedule`, `loop` (how long and how often), `parallel`, `ensemble`, and `study`
-for what only one study has. Each binary reads a subset (`SCHEMAS`); a config file gives the binary's schema
-with some values changed, and `experiments.config_lib` refuses keys outside it. None means "the default of the
-thing it configures" (the model's BatchNorm placement, a schedule's own default for its parameter, ...).
+`model`, `loss`, `optimizer`, `schedule`, `loop` (how long and how often), `parallel`, `ensemble`, `transfer`
+(starting from another run's weights), and `study` for what only one study has. Each binary reads a subset
+(`SCHEMAS`); a config file gives the binary's schema with some values changed, and `experiments.config_lib`
+refuses keys outside it. None means "the default of the thing it configures" (the model's BatchNorm placement,
+a schedule's own default for its parameter, ...).
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 __all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "lr_finder", "relu_vs_tanh",
-           "sanity_checks", "sweep", "train"]
+           "sanity_checks", "sweep", "train", "transfer"]
 
 
 def _data() -> dict:
   return dict(dataset="fashion_mnist", data_dir=placeholder(str), download=False, validation_size=-1,
-              preprocess="none", augment="", subset=0, resident=True)
+              preprocess="none", augment="", subset=0, classes=(), per_class=0, resident=True)
 
 
 def _model() -> dict:
@@ -53,6 +54,13 @@ def _parallel() -> dict:
   return dict(num_devices=placeholder(int), bn_stats="global")
 
 
+def _transfer() -> dict:
+  # init_from: a finished trainer run's workdir whose last checkpoint seeds params and BatchNorm statistics;
+  # reinit / freeze: layer names (top-level params entries) re-initialised / kept fixed; lr_scale: the
+  # learning-rate factor of the transferred layers that are neither.
+  return dict(init_from=placeholder(str), reinit=("classifier",), freeze=(), lr_scale=1.0)
+
+
 def _pick(group: dict, **values) -> dict:
   """The keys of `group` named in `values`, with those defaults (a study reads only part of a group)."""
   unknown = sorted(set(values) - set(group))
@@ -65,7 +73,8 @@ def train() -> ml_collections.ConfigDict:
   """The general trainer: every group in full (defaults: the Fashion-MNIST MLP reference run)."""
   return ml_collections.ConfigDict(dict(
       seed=0, data=_data(), model=_model(), loss=_loss(), optimizer=_optimizer(), schedule=_schedule(),
-      loop=_loop(), parallel=_parallel(), ensemble=dict(snapshot=False, members=placeholder(tuple))))
+      loop=_loop(), parallel=_parallel(), ensemble=dict(snapshot=False, members=placeholder(tuple)),
+      transfer=_transfer()))
 
 
 def activation_stats() -> ml_collections.ConfigDict:
@@ -144,6 +153,22 @@ def sanity_checks() -> ml_collections.ConfigDict:
                  gradcheck_examples=4, gradcheck_coords=10, initial_loss_factor=2.0, gradcheck_tolerance=1e-5)))
 
 
+def transfer() -> ml_collections.ConfigDict:
+  """Transfer learning (experiments.transfer): train on study.source_classes, then on study.target_classes with
+  study.target_sizes examples per class, from scratch, fine-tuned and with frozen features; every run is a
+  trainer run, with the trainer's data, model, optimiser and loop keys."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset=..., data_dir=..., download=..., validation_size=..., preprocess=...,
+                 resident=...),
+      model=_model(),
+      optimizer=_pick(_optimizer(), name=..., learning_rate=..., momentum=..., weight_decay=...),
+      loop=_pick(_loop(), batch_size=..., log_every=..., steps_per_call=...),
+      transfer=_pick(_transfer(), lr_scale=0.1),
+      study=dict(source_classes=(0, 1, 2, 3, 4), target_classes=(5, 6, 7, 8, 9), target_sizes=(100, 1000, 0),
+                 source_epochs=3.0, target_steps=600, methods=("scratch", "finetune", "frozen"))))
+
+
 SCHEMAS = {"train": train, "activation_stats": activation_stats, "batchnorm_mnist": batchnorm_mnist,
            "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder,
-           "sanity_checks": sanity_checks}
+           "sanity_checks": sanity_checks, "transfer": transfer}
