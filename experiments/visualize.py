@@ -127,17 +127,18 @@ def first_layer(model, variables, sample) -> tuple[str, tuple[str, ...]]:
 
 
 def filters_figure(before: np.ndarray, after: np.ndarray, change: np.ndarray, *, step: int, accuracy: float,
-                   title: str):
+                   title: str, start: str = "at initialisation (step 0)"):
   """Tile grids of the same units side by side: at initialisation, trained, and the change between them (which
-  shows what training added where the initial noise still dominates the trained weights)."""
+  shows what training added where the initial noise still dominates the trained weights); `start` names the
+  first panel (a transfer run starts from its source's weights)."""
   cols = int(np.ceil(np.sqrt(len(before))))
   pad = max(1, before.shape[1] // 10)
   grids = [tile_grid(tiles, cols, pad) for tiles in (before, after, change)]
   height, width = grids[0].shape[:2]
   fig, axes = common.plt.subplots(1, 3, figsize=(15, 4.8 * height / width + 1.0), layout="constrained")
-  for ax, grid, label in ((axes[0], grids[0], "at initialisation (step 0)"),
+  for ax, grid, label in ((axes[0], grids[0], start),
                           (axes[1], grids[1], f"after training (step {step}, test accuracy {accuracy:.1%})"),
-                          (axes[2], grids[2], "change: trained minus initial")):
+                          (axes[2], grids[2], "change: trained minus step 0")):
     ax.imshow(grid, interpolation="nearest")
     ax.set_title(label, fontsize=11)
     ax.axis("off")
@@ -199,7 +200,9 @@ def draw_filters(config, dataset, initial, trained, sample, *, step: int, accura
            "each tile scaled to its own min (black) and max (white)")
   info = {"file": "filters.png", "layer": layer, "kernel_shape": list(shape), "units_drawn": drawn,
           "units": shape[-1]}
-  return filters_figure(*tiles, step=step, accuracy=accuracy, title=title), info
+  start = ("at initialisation (step 0)" if config.transfer.init_from is None else
+           f"step 0: transferred from run {os.path.basename(os.path.normpath(config.transfer.init_from))}")
+  return filters_figure(*tiles, step=step, accuracy=accuracy, title=title, start=start), info
 
 
 def draw_embedding(config, dataset, trained, *, step: int, accuracy: float):
