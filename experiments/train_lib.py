@@ -36,7 +36,8 @@ LENGTH_KEYS = ("loop.steps", "loop.epochs")
 # model.<key> -> the option's name in dlcore.models.
 MODEL_KEYS = {"hidden": "hidden", "activation": "activation", "init": "initializer", "init_scale": "init_scale",
               "batchnorm": "batchnorm", "bn_momentum": "bn_momentum", "bn_running_var": "bn_running_var",
-              "keep_prob": "keep_prob", "input_keep_prob": "input_keep_prob", "dropout_mode": "dropout_mode", "shortcut": "shortcut", "dtype": "dtype"}
+              "keep_prob": "keep_prob", "input_keep_prob": "input_keep_prob", "dropout_mode": "dropout_mode",
+              "shortcut": "shortcut", "dtype": "dtype"}
 def _length_dependent(config) -> bool:
   """Whether the learning rate at a step depends on the run's total length."""
   return config.schedule.name == "warmup_cosine" or (config.schedule.name == "linear"
@@ -77,7 +78,8 @@ def build_model(config, num_classes: int):
           "bn_running_var": model.batchnorm == "none"}
   for key, is_idle in idle.items():
     if is_idle and spec[key] != defaults[key]:
-      reason = "keep_prob (and input_keep_prob) is 1 (no dropout)" if key == "dropout_mode" else "the model has no BatchNorm"
+      reason = ("keep_prob is 1 and input_keep_prob is 1 (no dropout)" if key == "dropout_mode"
+                else "the model has no BatchNorm")
       raise ValueError(f"model.{key}={spec[key]!r} has no effect: {reason}")
   return model
 

@@ -18,7 +18,7 @@ from experiments.configs import schema
 # A non-default value for every model-related trainer key.
 CHANGES = {"hidden": (32,), "activation": "tanh", "init": "glorot_uniform", "init_scale": 0.5,
            "batchnorm": "after", "bn_momentum": 0.5, "bn_running_var": "unbiased", "keep_prob": 0.5,
-           "dropout_mode": "original", "shortcut": "zero_pad", "dtype": "bfloat16"}
+           "input_keep_prob": 0.8, "dropout_mode": "original", "shortcut": "zero_pad", "dtype": "bfloat16"}
 # What a change needs to be able to act at all (dropout_mode needs dropout; the bn_* keys need BatchNorm).
 NEEDS = {"dropout_mode": {"keep_prob": 0.5}, "bn_momentum": {"batchnorm": "before"},
          "bn_running_var": {"batchnorm": "before"}}

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -151,3 +152,33 @@ def test_validate_names_the_key(change, message):
   config.data.data_dir = "/somewhere"
   with pytest.raises(ValueError, match="data.data_dir must be unset for data.dataset='synthetic'"):
     dm.validate(config)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"optimizer.name": "adam", "optimizer.initial_momentum": 0.5},
+     "optimizer.initial_momentum=0.5 has no effect: optimizer.name is 'adam'"),
+    ({"optimizer.momentum_ramp_epochs": 2.0}, "optimizer.momentum_ramp_epochs=2.0 has no effect: "
+                                              "optimizer.initial_momentum is unset"),
+    ({"optimizer.initial_momentum": 0.5}, "optimizer.momentum_ramp_epochs must be > 0"),
+    ({"optimizer.initial_momentum": 1.0, "optimizer.momentum_ramp_epochs": 1.0}, "optimizer.initial_momentum"),
+    ({"optimizer.max_norm": 0.0}, "max_norm must be > 0"),
+    ({"model.name": "lenet5", "model.input_keep_prob": 0.8},
+     "model.input_keep_prob=0.8 has no effect on model 'lenet5'"),
+    ({"model.dropout_mode": "original"}, "model.dropout_mode='original' has no effect: keep_prob is 1 and "
+                                         "input_keep_prob is 1"),
+    ({"model.input_keep_prob": 0.0}, "input_keep_prob must be in (0.0, 1.0], got 0.0"),
+])
+def test_trainer_refuses_new_keys_that_would_do_nothing(changes, message):
+  config = schema.train()
+  for key, value in changes.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train_lib.validate(config)
+
+
+def test_trainer_takes_input_dropout_alone_with_either_mode():
+  config = schema.train()
+  config.model.update(input_keep_prob=0.8, dropout_mode="original")
+  train_lib.validate(config)
+  assert train_lib.build_model(config, 10).input_keep_prob == 0.8

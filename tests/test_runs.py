@@ -69,7 +69,8 @@ def _tensorboard_scalars(workdir):
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist_mlp", "cifar_convnet", "resnet20", "activation_stats",
-                                  "batchnorm_mnist", "relu_vs_tanh", "sweep", "lr_finder", "sanity_checks"])
+                                  "batchnorm_mnist", "dropout_mnist", "relu_vs_tanh", "sweep", "lr_finder",
+                                  "sanity_checks"])
 def test_every_reference_config_loads_and_validates(name):
   binary = name if name in schema.SCHEMAS else "train"
   config = config_lib.load(os.path.join(config_lib.CONFIG_DIR, f"{name}.py"), binary)
