@@ -208,8 +208,10 @@ def table_rows(summary: dict) -> list[list]:
 
 
 def plot(summary: dict, curves: dict[str, list[dict]], title: str, dataset_name: str, path: str) -> None:
-  """(a) test error per epoch per row (first seed); (b) final test error per row beside the paper's MNIST error."""
-  fig, (ax_curve, ax_bar) = common.plt.subplots(1, 2, figsize=(15, 5.2), layout="constrained")
+  """(a) test error per epoch per row (first seed); (b) final test error per row (mean, std over seeds); (c) the
+  paper's MNIST error of the same rows, on its own scale, so the two orderings compare row by row."""
+  fig, (ax_curve, ax_bar, ax_paper) = common.plt.subplots(
+      1, 3, figsize=(17, 5.4), layout="constrained", gridspec_kw={"width_ratios": [1.4, 1, 0.6]})
   rows = summary["rows"]
   for i, (key, r) in enumerate(rows.items()):
     points = curves[key]
@@ -217,23 +219,30 @@ def plot(summary: dict, curves: dict[str, list[dict]], title: str, dataset_name:
                   color=f"C{i}", label=r["label"])
   ax_curve.set(title="(a) test error per epoch (first seed)", xlabel="epoch", ylabel=f"{dataset_name} test error (%)",
                yscale="log")
-  ax_curve.legend(fontsize=8)
+  ax_curve.yaxis.set_major_formatter(common.plt.matplotlib.ticker.ScalarFormatter())
+  ax_curve.yaxis.set_minor_formatter(common.plt.matplotlib.ticker.FormatStrFormatter("%.0f"))
+  ax_curve.legend(fontsize=8, loc="best")
   ax_curve.grid(True, which="both", alpha=0.3)
   y = np.arange(len(rows))
+  labels = [r["label"] for r in rows.values()]
   measured = [100 * r["mean_error"] for r in rows.values()]
   spread = [100 * (r["std_error"] or 0.0) for r in rows.values()]
-  paper = [r["paper_error"] if r["paper_error"] is not None else np.nan for r in rows.values()]
-  ax_bar.barh(y - 0.2, measured, 0.4, xerr=spread, color="C0", label=f"{dataset_name} (this run; std over seeds)")
-  ax_bar.barh(y + 0.2, paper, 0.4, color="C7", label="paper, MNIST (Table 2)")
-  for yi, value in zip(y, measured):
-    ax_bar.text(value, yi - 0.2, f" {value:.2f}", va="center", fontsize=8)
+  ax_bar.barh(y, measured, 0.6, xerr=spread, color=[f"C{i}" for i in range(len(rows))], capsize=3)
+  for yi, value, err in zip(y, measured, spread):
+    ax_bar.text(value + err, yi, f"  {value:.2f}", va="center", fontsize=8)
+  ax_bar.set_yticks(y, labels, fontsize=8)
+  ax_bar.set_xlim(0, 1.2 * max(m + e for m, e in zip(measured, spread)))
+  ax_bar.set(title=f"(b) {dataset_name}: final test error\n(mean; bar: std over seeds)", xlabel="test error (%)")
+  paper = [r["paper_error"] for r in rows.values()]
+  ax_paper.barh(y, [p if p is not None else 0.0 for p in paper], 0.6, color="C7")
   for yi, value in zip(y, paper):
-    if not np.isnan(value):
-      ax_bar.text(value, yi + 0.2, f" {value:.2f}", va="center", fontsize=8)
-  ax_bar.set_yticks(y, [r["label"] for r in rows.values()], fontsize=8)
-  ax_bar.invert_yaxis()
-  ax_bar.set(title="(b) final test error", xlabel="test error (%)")
-  ax_bar.legend(fontsize=8, loc="lower right")
+    ax_paper.text(value or 0.0, yi, f"  {value:.2f}" if value is not None else "  not in the table", va="center",
+                  fontsize=8)
+  ax_paper.set_yticks(y, [""] * len(y))
+  ax_paper.set_xlim(0, 1.6 * max((p for p in paper if p is not None), default=1.0))
+  ax_paper.set(title="(c) paper, MNIST (Table 2)", xlabel="test error (%)")
+  for ax in (ax_bar, ax_paper):
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, the same rows side by side
   fig.suptitle(title)
   common.save_figure(fig, path)
 
@@ -321,7 +330,7 @@ def define_flags() -> None:
   CONFIG = config_lib.define_config_flag(BINARY, "dropout_mnist.py")
   flags.DEFINE_string("workdir", "runs/dropout_mnist", "Output folder; holds one trainer run per row and seed in "
                       "runs/.")
-  flags.DEFINE_bool("overwrite", False, "Discard runs in --workdir whose config differs from this study's.")
+  flags.DEFINE_bool("overwrite", False, "Discard the runs already in --workdir and train every run afresh.")
 
 
 def run():
