@@ -219,8 +219,11 @@ def plot(summary: dict, curves: dict[str, list[dict]], title: str, dataset_name:
                   color=f"C{i}", label=r["label"])
   ax_curve.set(title="(a) test error per epoch (first seed)", xlabel="epoch", ylabel=f"{dataset_name} test error (%)",
                yscale="log")
-  ax_curve.yaxis.set_major_formatter(common.plt.matplotlib.ticker.ScalarFormatter())
-  ax_curve.yaxis.set_minor_formatter(common.plt.matplotlib.ticker.FormatStrFormatter("%.0f"))
+  errors = [100 * p["test_error"] for points in curves.values() for p in points]
+  ticks = [t for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80, 100)
+           if min(errors) * 0.95 <= t <= max(errors) * 1.05]
+  ax_curve.set_yticks(ticks, [f"{t:g}" for t in ticks])  # plain labels where the curves are, on the log axis
+  ax_curve.yaxis.set_minor_locator(common.plt.matplotlib.ticker.NullLocator())
   ax_curve.legend(fontsize=8, loc="best")
   ax_curve.grid(True, which="both", alpha=0.3)
   y = np.arange(len(rows))
@@ -294,10 +297,12 @@ def run_study(config, workdir: str, *, overwrite: bool = False, should_stop=lamb
              "data_note": note, "epochs": config.loop.epochs, **summary, "curves": curves,
              "runs": {run_name(r, s): {"test_error": 1.0 - finished[run_name(r, s)]["test_accuracy"],
                                        "wall_time_s": finished[run_name(r, s)]["wall_time_s"]} for r, s in plan},
-             "wall_time_s": time.perf_counter() - start}
+             "runs_wall_time_s": sum(finished[run_name(r, s)]["wall_time_s"] for r, s in plan),  # all sessions
+             "wall_time_s": time.perf_counter() - start}  # this invocation
   common.write_json(os.path.join(workdir, "results.json"), results)
   log("\n" + table)
-  log(f"wrote {workdir}/results.json, results.csv, table.txt, errors.png ({results['wall_time_s']:.0f} s)")
+  log(f"wrote {workdir}/results.json, results.csv, table.txt, errors.png ({results['wall_time_s']:.0f} s; the "
+      f"runs trained for {results['runs_wall_time_s']:.0f} s in all)")
   return results
 
 
