@@ -25,6 +25,11 @@ biases or BatchNorm scale/offset:
 
 `clip_norm` rescales the whole gradient pytree to global norm <= clip_norm, first in the chain: it sees the data
 gradient only (the "l2" term is added after it).
+
+`momentum` may be a schedule of the step for momentum and nesterov (mu_t in place of mu, e.g. `momentum_ramp`:
+0.5 -> 0.95 linearly, Srivastava et al. 2014). `max_norm` = c projects, last in the chain, each unit's incoming
+weight vector (a kernel's column: the norm over all axes but the last) of the updated weights x + update onto the
+ball of radius c: w -> w * min(1, c / ||w||) (Srivastava et al. 2014, section 5.1); weights only, never biases.
 """
 
 from collections.abc import Callable
@@ -39,10 +44,12 @@ import optax
 
 from dlcore import checks, masks
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_MODES", "DecoupledDecayState", "LearningRate", "optimizer",
-           "schedule", "schedule_params", "sgdr_cycle_ends"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_MODES", "DecoupledDecayState", "LearningRate", "Momentum",
+           "ScheduledTraceState", "max_norm_constraint", "momentum_ramp", "optimizer", "schedule", "schedule_params",
+           "sgdr_cycle_ends"]
 
 LearningRate = float | optax.Schedule
+Momentum = float | optax.Schedule
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
 
@@ -71,13 +78,69 @@ def _decoupled_weight_decay(learning_rate: LearningRate, weight_decay: float) ->
   return optax.GradientTransformation(init, update)
 
 
+class ScheduledTraceState(NamedTuple):
+  """Optimiser state of momentum with a momentum schedule: the update count (the schedule's step) and velocity."""
+  count: jax.Array
+  trace: Any
+
+
+def _scheduled_trace(decay: optax.Schedule, nesterov: bool) -> optax.GradientTransformation:
+  """optax.trace with decay mu_t = decay(count): t = mu_t * t + u, update t (or u + mu_t * t with nesterov)."""
+  def init(params):
+    return ScheduledTraceState(count=jnp.zeros([], jnp.int32), trace=jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = decay(state.count)
+    step = lambda u, t: u + jnp.asarray(mu, t.dtype) * t
+    trace = jax.tree.map(step, updates, state.trace)
+    out = jax.tree.map(step, updates, trace) if nesterov else trace
+    return out, ScheduledTraceState(count=optax.safe_increment(state.count), trace=trace)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _trace(mu: Momentum, nesterov: bool = False) -> optax.GradientTransformation:
+  return _scheduled_trace(mu, nesterov) if callable(mu) else optax.trace(decay=mu, nesterov=nesterov)
+
+
+def max_norm_constraint(c: float) -> optax.GradientTransformation:
+  """Max-norm constraint (Srivastava et al. 2014): turns `updates` into the step that lands on the projection of
+  params + updates, where every incoming weight vector (norm over all axes but the last) longer than `c` is
+  scaled back to norm c. Vectors of norm <= c keep their update unchanged. Needs `params`; apply it to weights
+  only (`optimizer` masks it with `masks.weights_mask`)."""
+  checks.positive("max_norm", c)
+
+  def project(u, p):
+    new = p + u
+    norms = jnp.sqrt(jnp.sum(jnp.square(new), axis=tuple(range(new.ndim - 1)), keepdims=True))
+    projected = new * (c / jnp.maximum(norms, jnp.finfo(new.dtype).tiny))
+    return jnp.where(norms > c, projected - p, u).astype(u.dtype)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("max_norm needs params: call update(grads, state, params)")
+    return jax.tree.map(project, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def momentum_ramp(initial: float, final: float, ramp_steps: int) -> optax.Schedule:
+  """mu_t = initial + (final - initial) * min(t / ramp_steps, 1): the momentum ramp of Srivastava et al. 2014
+  (0.5 -> 0.95), a schedule for `optimizer(momentum=...)`."""
+  checks.in_range("initial momentum", initial, 0.0, 1.0, high_open=True)
+  checks.in_range("momentum", final, 0.0, 1.0, high_open=True)
+  ramp_steps = _check_steps("momentum ramp_steps", ramp_steps)
+  return optax.linear_schedule(initial, final, transition_steps=ramp_steps)
+
+
 def _sgd(lr, h):
   return optax.scale_by_learning_rate(lr)
 
 
 def _momentum(lr, h):
   # Scale by -lr_t first, then accumulate: v = mu*v + (-lr_t*g), and the update is v.
-  return optax.chain(optax.scale_by_learning_rate(lr), optax.trace(decay=h["momentum"]))
+  return optax.chain(optax.scale_by_learning_rate(lr), _trace(h["momentum"]))
 
 
 def _momentum_ema(lr, h):
@@ -87,7 +150,7 @@ def _momentum_ema(lr, h):
 def _nesterov(lr, h):
   # optax.trace(nesterov=True) on u = -lr_t*g: v = mu*v_prev + u, update = u + mu*v = mu^2*v_prev + (1+mu)*u,
   # which is the lectures' -mu*v_prev + (1+mu)*v expanded.
-  return optax.chain(optax.scale_by_learning_rate(lr), optax.trace(decay=h["momentum"], nesterov=True))
+  return optax.chain(optax.scale_by_learning_rate(lr), _trace(h["momentum"], nesterov=True))
 
 
 def _rmsprop(lr, h):
@@ -113,19 +176,26 @@ _OPTIMIZERS: dict[str, Callable[[LearningRate, dict[str, Any]], optax.GradientTr
 OPTIMIZERS: tuple[str, ...] = tuple(_OPTIMIZERS)
 
 
-def optimizer(name: str, learning_rate: LearningRate, *, momentum: float = 0.9, b1: float = 0.9,
+def optimizer(name: str, learning_rate: LearningRate, *, momentum: Momentum = 0.9, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-8, decay: float = 0.9, weight_decay: float = 0.0,
-              weight_decay_mode: str = "decoupled", clip_norm: float | None = None) -> optax.GradientTransformation:
+              weight_decay_mode: str = "decoupled", clip_norm: float | None = None,
+              max_norm: float | None = None) -> optax.GradientTransformation:
   """The optimiser called `name` (see the module docstring for the exact update rules).
 
   `learning_rate` is a float or an optax schedule (e.g. from `schedule`). `momentum` is mu for momentum/nesterov
-  and beta for momentum_ema; `decay` is RMSProp's rho. Hyperparameters are checked here, naming the argument.
-  The returned transformation needs `params` in `update` when weight_decay > 0.
+  (a float, or a schedule of the step such as `momentum_ramp`) and beta for momentum_ema; `decay` is RMSProp's
+  rho. `max_norm` = c bounds every weight vector into a unit to norm c after the update. Hyperparameters are
+  checked here, naming the argument. The returned transformation needs `params` in `update` when
+  weight_decay > 0 or max_norm is set.
   """
   build = checks.lookup("optimizer", _OPTIMIZERS, name)
   if not callable(learning_rate):
     checks.positive("learning_rate", learning_rate)
-  checks.in_range("momentum", momentum, 0.0, 1.0, high_open=True)
+  if callable(momentum):
+    if name.lower() not in ("momentum", "nesterov"):
+      raise ValueError(f"a momentum schedule needs optimizer 'momentum' or 'nesterov', got {name!r}")
+  else:
+    checks.in_range("momentum", momentum, 0.0, 1.0, high_open=True)
   checks.in_range("b1", b1, 0.0, 1.0, high_open=True)
   checks.in_range("b2", b2, 0.0, 1.0, high_open=True)
   checks.non_negative("eps", eps)
@@ -134,6 +204,8 @@ def optimizer(name: str, learning_rate: LearningRate, *, momentum: float = 0.9, 
   checks.one_of("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
   if clip_norm is not None:
     checks.positive("clip_norm", clip_norm)
+  if max_norm is not None:
+    checks.positive("max_norm", max_norm)
   if name.lower() == "adamw" and weight_decay_mode != "decoupled":
     raise ValueError(f"weight_decay_mode must be 'decoupled' for adamw, got {weight_decay_mode!r}; "
                      "use optimizer 'adam' for adam with an L2 term")
@@ -148,6 +220,8 @@ def optimizer(name: str, learning_rate: LearningRate, *, momentum: float = 0.9, 
   chain.append(build(learning_rate, hyper))
   if decays and weight_decay_mode == "decoupled":
     chain.append(optax.masked(_decoupled_weight_decay(learning_rate, weight_decay), masks.weights_mask))
+  if max_norm is not None:
+    chain.append(optax.masked(max_norm_constraint(max_norm), masks.weights_mask))
   return optax.chain(*chain)
 
 

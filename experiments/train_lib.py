@@ -32,8 +32,8 @@ from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
            "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step",
-           "num_classes", "plan_steps", "train_and_evaluate", "training_source", "transfer_start", "validate",
-           "validate_transfer"]
+           "momentum_schedule", "num_classes", "plan_steps", "train_and_evaluate", "training_source",
+           "transfer_start", "validate", "validate_transfer"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
@@ -44,7 +44,8 @@ LENGTH_KEYS = ("loop.steps", "loop.epochs")
 # model.<key> -> the option's name in dlcore.models.
 MODEL_KEYS = {"hidden": "hidden", "activation": "activation", "init": "initializer", "init_scale": "init_scale",
               "batchnorm": "batchnorm", "bn_momentum": "bn_momentum", "bn_running_var": "bn_running_var",
-              "keep_prob": "keep_prob", "dropout_mode": "dropout_mode", "shortcut": "shortcut", "dtype": "dtype"}
+              "keep_prob": "keep_prob", "input_keep_prob": "input_keep_prob", "dropout_mode": "dropout_mode",
+              "shortcut": "shortcut", "dtype": "dtype"}
 def _length_dependent(config) -> bool:
   """Whether the learning rate at a step depends on the run's total length."""
   return config.schedule.name == "warmup_cosine" or (config.schedule.name == "linear"
@@ -80,11 +81,13 @@ def build_model(config, num_classes: int):
       raise ValueError(f"model.{key}={value!r} has no effect on model {spec.name!r}; the model keys it reads: "
                        f"{', '.join(keys)}")
   model = models.get(spec.name, **kwargs)
-  idle = {"dropout_mode": model.keep_prob == 1.0, "bn_momentum": model.batchnorm == "none",
+  idle = {"dropout_mode": model.keep_prob == 1.0 and getattr(model, "input_keep_prob", 1.0) == 1.0,
+          "bn_momentum": model.batchnorm == "none",
           "bn_running_var": model.batchnorm == "none"}
   for key, is_idle in idle.items():
     if is_idle and spec[key] != defaults[key]:
-      reason = "keep_prob is 1 (no dropout)" if key == "dropout_mode" else "the model has no BatchNorm"
+      reason = ("keep_prob is 1 and input_keep_prob is 1 (no dropout)" if key == "dropout_mode"
+                else "the model has no BatchNorm")
       raise ValueError(f"model.{key}={spec[key]!r} has no effect: {reason}")
   return model
 
@@ -179,14 +182,22 @@ def validate(config) -> None:
           "loss.l1_ratio": (c.loss.penalty != "elastic_net", f"loss.penalty is {c.loss.penalty!r}"),
           "optimizer.momentum": (c.optimizer.name not in ("momentum", "momentum_ema", "nesterov"),
                                  f"optimizer.name is {c.optimizer.name!r}"),
+          "optimizer.initial_momentum": (c.optimizer.name not in ("momentum", "nesterov"),
+                                         f"optimizer.name is {c.optimizer.name!r} (the ramp needs 'momentum' or "
+                                         "'nesterov')"),
+          "optimizer.momentum_ramp_epochs": (c.optimizer.initial_momentum is None,
+                                             "optimizer.initial_momentum is unset (no ramp)"),
           "ensemble.snapshot": (c.schedule.name != "sgdr", "snapshots are taken at the ends of the cycles of "
                                 "schedule.name='sgdr'")}
   for key, (is_idle, reason) in idle.items():
     if is_idle and _changed(c, key):
       raise ValueError(f"{key}={config_lib.flat(c)[key]!r} has no effect: {reason}")
+  if c.optimizer.initial_momentum is not None:
+    checks.in_range("optimizer.initial_momentum", c.optimizer.initial_momentum, 0.0, 1.0, high_open=True)
+    checks.positive("optimizer.momentum_ramp_epochs", c.optimizer.momentum_ramp_epochs)
   optim.optimizer(c.optimizer.name, c.optimizer.learning_rate, momentum=c.optimizer.momentum,
                   weight_decay=c.optimizer.weight_decay, weight_decay_mode=c.optimizer.weight_decay_mode,
-                  clip_norm=c.optimizer.clip_norm)
+                  clip_norm=c.optimizer.clip_norm, max_norm=c.optimizer.max_norm)
   allowed = optim.schedule_params(checks.lookup("schedule.name", {n: n for n in optim.SCHEDULES}, c.schedule.name))
   for key in _schedule_params(c):
     if key not in allowed:
@@ -234,6 +245,16 @@ def learning_rate_schedule(config, train_size: int):
                         total_steps=total_steps, **params)
 
 
+def momentum_schedule(config, train_size: int) -> optim.Momentum:
+  """optimizer.momentum, or with optimizer.initial_momentum set the linear ramp from it to optimizer.momentum
+  over optimizer.momentum_ramp_epochs (rounded to whole steps, at least one)."""
+  o = config.optimizer
+  if o.initial_momentum is None:
+    return o.momentum
+  steps_per_epoch, _ = plan_steps(config, train_size)
+  return optim.momentum_ramp(o.initial_momentum, o.momentum, max(1, round(o.momentum_ramp_epochs * steps_per_epoch)))
+
+
 def build_state(config, dataset: data.Dataset, sample: np.ndarray,
                 learning_rate: optim.LearningRate | None = None) -> state_lib.TrainState:
   """The initial TrainState of a run: model, optimiser and schedule as `config` says, initialised on `sample`;
@@ -241,9 +262,10 @@ def build_state(config, dataset: data.Dataset, sample: np.ndarray,
   o, t = config.optimizer, config.transfer
   if learning_rate is None:
     learning_rate = learning_rate_schedule(config, len(dataset.train))
+  momentum = momentum_schedule(config, len(dataset.train))
   make = lambda lr, clip_norm=o.clip_norm: optim.optimizer(
-      o.name, lr, momentum=o.momentum, weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode,
-      clip_norm=clip_norm)
+      o.name, lr, momentum=momentum, weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode,
+      clip_norm=clip_norm, max_norm=o.max_norm)
   if t.init_from is None:
     tx = make(learning_rate)
   else:  # frozen / transferred / new layers (the labels of the params tree)

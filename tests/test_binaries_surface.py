@@ -18,7 +18,7 @@ from experiments.configs import schema
 # A non-default value for every model-related trainer key.
 CHANGES = {"hidden": (32,), "activation": "tanh", "init": "glorot_uniform", "init_scale": 0.5,
            "batchnorm": "after", "bn_momentum": 0.5, "bn_running_var": "unbiased", "keep_prob": 0.5,
-           "dropout_mode": "original", "shortcut": "zero_pad", "dtype": "bfloat16"}
+           "input_keep_prob": 0.8, "dropout_mode": "original", "shortcut": "zero_pad", "dtype": "bfloat16"}
 # What a change needs to be able to act at all (dropout_mode needs dropout; the bn_* keys need BatchNorm).
 NEEDS = {"dropout_mode": {"keep_prob": 0.5}, "bn_momentum": {"batchnorm": "before"},
          "bn_running_var": {"batchnorm": "before"}}
@@ -98,7 +98,8 @@ def test_installed_binaries_do_not_claim_the_name_experiments(tmp_path):
 
 
 SCRIPTS = {"dlcore-train": "--extend_schedule", "dlcore-activation-stats": "cs231n",
-           "dlcore-batchnorm-mnist": "Ioffe & Szegedy", "dlcore-relu-vs-tanh": "Krizhevsky",
+           "dlcore-batchnorm-mnist": "Ioffe & Szegedy", "dlcore-dropout-mnist": "Srivastava et al. 2014",
+           "dlcore-relu-vs-tanh": "Krizhevsky",
            "dlcore-lr-finder": "study.stop_factor", "dlcore-sweep": "Coarse-to-fine",
            "dlcore-visualize": "penultimate features", "dlcore-sanity-checks": "babysitting",
            "dlcore-transfer": "finetune"}

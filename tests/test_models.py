@@ -118,6 +118,37 @@ def test_mlp_forward_matches_numpy_float64(activation):
   np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["inverted", "original"])
+def test_mlp_input_dropout_keeps_pixels_with_input_keep_prob(mode):
+  # No hidden layer and no classifier: the output is the dropped-out flattened input itself.
+  x = np.random.default_rng(5).uniform(0.5, 1.0, size=(50, 20, 20)).astype(np.float64)
+  model = models.MLP(hidden=(), num_classes=0, input_keep_prob=0.8, dropout_mode=mode)
+  train_out = np.asarray(model.apply({}, x.astype(np.float32), train=True, rngs={"dropout": KEY}), np.float64)
+  flat = x.reshape(50, -1)
+  kept = train_out != 0.0
+  scale = 1 / 0.8 if mode == "inverted" else 1.0  # kept pixels: x / p (inverted) or x (original)
+  np.testing.assert_allclose(train_out[kept], flat[kept] * scale, rtol=1e-6)
+  n = kept.size  # 20000 Bernoulli(0.8) draws: the kept fraction within 5 binomial standard deviations
+  assert abs(kept.mean() - 0.8) < 5 * math.sqrt(0.8 * 0.2 / n)
+  test_out = np.asarray(model.apply({}, x.astype(np.float32), train=False), np.float64)
+  np.testing.assert_allclose(test_out, flat * (1.0 if mode == "inverted" else 0.8), rtol=1e-6)
+
+
+def test_mlp_input_dropout_leaves_hidden_dropout_masks_alone():
+  # The input layer has its own name ('input_dropout'): the hidden layer draws the same mask with or without it
+  # (the zeros of the output are the hidden mask's; the dropped-out input leaves no unit at exactly 0).
+  x = np.random.default_rng(6).normal(size=(8, 12)).astype(np.float32)
+  plain = models.MLP(hidden=(32,), num_classes=0, keep_prob=0.5, activation="identity")
+  variables = models.init_variables(plain, KEY, x)
+  with_input = models.MLP(hidden=(32,), num_classes=0, keep_prob=0.5, activation="identity", input_keep_prob=0.8)
+  a = np.asarray(plain.apply(variables, x, train=True, rngs={"dropout": KEY}))
+  b = np.asarray(with_input.apply(variables, x, train=True, rngs={"dropout": KEY}))
+  assert not np.array_equal(a, b)  # the input was dropped
+  np.testing.assert_array_equal(a == 0.0, b == 0.0)
+  with pytest.raises(ValueError, match="input_keep_prob"):
+    models.MLP(input_keep_prob=0.0)
+
+
 def test_mlp_without_classifier_is_the_hidden_stack():
   x = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
   model = models.MLP(hidden=(5, 4), num_classes=0, activation="tanh", initializer="zeros")

@@ -54,8 +54,10 @@ def _run_optax(tx, x0, h, x_star, noise):
 
 
 def _run_numpy(name, x0, h, x_star, noise, lr_fn, *, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, decay=0.9,
-               weight_decay=0.0, mode="decoupled", clip_norm=None):
-  """The lectures' formulas in float64, one leaf at a time; weight decay only on leaves named 'kernel'."""
+               weight_decay=0.0, mode="decoupled", clip_norm=None, max_norm=None):
+  """The lectures' formulas in float64, one leaf at a time; weight decay only on leaves named 'kernel'.
+  `momentum` may be a function of the step (mu_t); max_norm projects each kernel column of the new x to norm
+  <= max_norm."""
   flat = lambda t: {k: np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(t).items()}
   x, h, x_star, noise = flat(x0), flat(h), flat(x_star), flat(noise)
   v = {k: np.zeros_like(a) for k, a in x.items()}  # velocity / first moment / rmsprop cache
@@ -71,20 +73,21 @@ def _run_numpy(name, x0, h, x_star, noise, lr_fn, *, momentum=0.9, b1=0.9, b2=0.
     if mode == "l2":
       g = {k: g[k] + weight_decay * x[k] * is_weight[k] for k in x}
     lr = lr_fn(t)
+    mu = momentum(t) if callable(momentum) else momentum
     for k in x:
       x_old = x[k]
       if name == "sgd":
         x[k] = x[k] - lr * g[k]
       elif name == "momentum":
-        v[k] = momentum * v[k] - lr * g[k]
+        v[k] = mu * v[k] - lr * g[k]
         x[k] = x[k] + v[k]
       elif name == "momentum_ema":
         v[k] = momentum * v[k] + (1 - momentum) * g[k]
         x[k] = x[k] - lr * v[k]
       elif name == "nesterov":
         v_prev = v[k]
-        v[k] = momentum * v[k] - lr * g[k]
-        x[k] = x[k] - momentum * v_prev + (1 + momentum) * v[k]
+        v[k] = mu * v[k] - lr * g[k]
+        x[k] = x[k] - mu * v_prev + (1 + mu) * v[k]
       elif name == "rmsprop":
         v[k] = decay * v[k] + (1 - decay) * g[k]**2
         x[k] = x[k] - lr * g[k] / (np.sqrt(v[k]) + eps)
@@ -97,6 +100,9 @@ def _run_numpy(name, x0, h, x_star, noise, lr_fn, *, momentum=0.9, b1=0.9, b2=0.
         raise AssertionError(name)
       if mode == "decoupled" and is_weight[k]:
         x[k] = x[k] - lr * weight_decay * x_old
+      if max_norm is not None and is_weight[k]:
+        norms = np.sqrt(np.sum(x[k]**2, axis=tuple(range(x[k].ndim - 1))))
+        x[k] = x[k] * np.where(norms > max_norm, max_norm / norms, 1.0)
       traj[k].append(x[k].copy())
   return {k: np.stack(a) for k, a in traj.items()}
 
@@ -120,6 +126,73 @@ def test_optimizer_matches_lecture_formulas(name, lr_kind):
   lr, lr_np = (LR, lambda t: LR) if lr_kind == "constant" else (lr_schedule_jnp, lr_schedule_np)
   got = _run_optax(optim.optimizer(name, lr, **HYPER), x0, h, x_star, noise)
   _assert_close(got, _run_numpy(name, x0, h, x_star, noise, lr_np, **HYPER))
+
+
+def test_momentum_ramp_matches_closed_form():
+  ramp = optim.momentum_ramp(0.5, 0.95, 40)
+  for t in (0, 1, 7, 20, 39, 40, 41, 1000):
+    np.testing.assert_allclose(float(ramp(t)), 0.5 + 0.45 * min(t / 40, 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov"])
+def test_momentum_schedule_matches_lecture_formula(name):
+  x0, h, x_star, noise = _problem()
+  mu_np = lambda t: 0.5 + 0.45 * min(t / 10, 1.0)  # reaches 0.95 within the run, then flat
+  got = _run_optax(optim.optimizer(name, lr_schedule_jnp, momentum=optim.momentum_ramp(0.5, 0.95, 10)),
+                   x0, h, x_star, noise)
+  _assert_close(got, _run_numpy(name, x0, h, x_star, noise, lr_schedule_np, momentum=mu_np))
+
+
+def test_momentum_schedule_needs_a_classic_momentum_optimizer():
+  with pytest.raises(ValueError, match="momentum schedule needs optimizer 'momentum' or 'nesterov'"):
+    optim.optimizer("momentum_ema", 0.1, momentum=optim.momentum_ramp(0.5, 0.9, 5))
+
+
+@pytest.mark.parametrize("name, weight_decay", [("momentum", 0.0), ("sgd", 0.0), ("adamw", 0.05)])
+def test_max_norm_matches_reference(name, weight_decay):
+  # The kernel's columns start at norms 0.9 to 1.6: c = 1 binds some of them and not others.
+  x0, h, x_star, noise = _problem()
+  got = _run_optax(optim.optimizer(name, LR, weight_decay=weight_decay, max_norm=1.0, **HYPER), x0, h, x_star, noise)
+  expected = _run_numpy(name, x0, h, x_star, noise, lambda t: LR, weight_decay=weight_decay, max_norm=1.0, **HYPER)
+  _assert_close(got, expected)
+  kernel = got[("layer0", "linear", "kernel")]
+  norms = np.linalg.norm(kernel, axis=1)  # (steps, 4): per step, each unit's incoming weight vector
+  assert np.all(norms <= 1.0 + 1e-6)
+  assert np.any(np.isclose(norms, 1.0, rtol=1e-6)) and np.any(norms < 0.9)
+  unconstrained = _run_numpy(name, x0, h, x_star, noise, lambda t: LR, weight_decay=weight_decay, **HYPER)
+  assert np.abs(unconstrained[("layer0", "linear", "kernel")] - kernel).max() > 1e-2  # the constraint did bind
+
+
+def test_max_norm_projects_params_plus_updates_of_weights_only():
+  rng = np.random.default_rng(3)
+  params = {"conv": {"kernel": rng.normal(size=(2, 2, 3, 5)).astype(np.float32),
+                     "bias": 10 * rng.normal(size=(5,)).astype(np.float32)},
+            "bn": {"scale": 10 + rng.normal(size=(5,)).astype(np.float32)}}
+  updates = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32), params)
+  c = 3.5
+  tx = optim.optimizer("sgd", 1.0, max_norm=c)  # sgd at lr 1 on -updates: the step before projection is `updates`
+  out, _ = tx.update(jax.tree.map(lambda u: -u, updates), tx.init(params), params)
+  new = np.asarray(params["conv"]["kernel"], np.float64) + updates["conv"]["kernel"]
+  norms = np.sqrt((new**2).sum(axis=(0, 1, 2)))
+  assert np.any(norms > c) and np.any(norms < c)
+  expected = new * np.where(norms > c, c / norms, 1.0)
+  np.testing.assert_allclose(params["conv"]["kernel"] + np.asarray(out["conv"]["kernel"]), expected, rtol=1e-5,
+                             atol=1e-6)
+  below = norms <= c  # units under the bound keep their update bit for bit
+  np.testing.assert_array_equal(np.asarray(out["conv"]["kernel"])[..., below], updates["conv"]["kernel"][..., below])
+  np.testing.assert_array_equal(out["conv"]["bias"], updates["conv"]["bias"])  # biases and BN: never projected
+  np.testing.assert_array_equal(out["bn"]["scale"], updates["bn"]["scale"])
+
+
+def test_max_norm_is_a_no_op_below_the_bound():
+  rng = np.random.default_rng(4)
+  params = {"kernel": rng.normal(size=(6, 4)).astype(np.float32)}
+  updates = {"kernel": (0.1 * rng.normal(size=(6, 4))).astype(np.float32)}
+  tx = optim.max_norm_constraint(100.0)
+  out, _ = tx.update(updates, tx.init(params), params)
+  np.testing.assert_array_equal(out["kernel"], updates["kernel"])
+  with pytest.raises(ValueError, match="max_norm needs params"):
+    tx.update(updates, tx.init(params))
 
 
 def test_momentum_forms_differ_from_optax_sgd_only_under_a_schedule():
@@ -342,6 +415,8 @@ def test_unknown_schedule_lists_valid_names():
     (dict(weight_decay=-1e-4), "weight_decay"),
     (dict(weight_decay_mode="coupled"), "weight_decay_mode"),
     (dict(clip_norm=0.0), "clip_norm"),
+    (dict(max_norm=0.0), "max_norm"),
+    (dict(max_norm=-1.0), "max_norm"),
 ])
 def test_bad_optimizer_hyperparameters_name_the_argument(kwargs, arg):
   kwargs = {"learning_rate": 0.1, **kwargs}

@@ -69,8 +69,8 @@ def _tensorboard_scalars(workdir):
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist_mlp", "cifar_convnet", "resnet20", "activation_stats",
-                                  "batchnorm_mnist", "relu_vs_tanh", "sweep", "lr_finder", "sanity_checks",
-                                  "transfer"])
+                                  "batchnorm_mnist", "dropout_mnist", "relu_vs_tanh", "sweep", "lr_finder",
+                                  "sanity_checks", "transfer"])
 def test_every_reference_config_loads_and_validates(name):
   binary = name if name in schema.SCHEMAS else "train"
   config = config_lib.load(os.path.join(config_lib.CONFIG_DIR, f"{name}.py"), binary)
@@ -108,7 +108,8 @@ def test_config_json_round_trips(tmp_path):
      "  c['optimizer']['learning_rate'] = 'fast'\n  return c\n",
      "config file {path}: 'optimizer.learning_rate' must be float, got 'fast'"),
     ("def get_config():\n  return {'optimizer': {'lr': 0.1}}\n",
-     "config file {path}: unknown key 'optimizer.lr'; valid keys here: optimizer.clip_norm, optimizer.learning_rate"),
+     "config file {path}: unknown key 'optimizer.lr'; valid keys here: optimizer.clip_norm, "
+     "optimizer.initial_momentum, optimizer.learning_rate"),
 ])
 def test_bad_config_files_fail_in_one_line_naming_file_and_key(tmp_path, content, message):
   path = tmp_path / "cfg.py"

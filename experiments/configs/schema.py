@@ -11,7 +11,7 @@ a schedule's own default for its parameter, ...).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "lr_finder", "relu_vs_tanh",
+__all__ = ["SCHEMAS", "activation_stats", "batchnorm_mnist", "dropout_mnist", "lr_finder", "relu_vs_tanh",
            "sanity_checks", "sweep", "train", "transfer"]
 
 
@@ -23,7 +23,7 @@ def _data() -> dict:
 def _model() -> dict:
   return dict(name="mlp", hidden=(512, 512), activation="relu", init="he_normal", init_scale=placeholder(float),
               batchnorm=placeholder(str), bn_momentum=0.9, bn_running_var="biased", keep_prob=1.0,
-              dropout_mode="inverted", shortcut="projection", dtype="float32")
+              input_keep_prob=1.0, dropout_mode="inverted", shortcut="projection", dtype="float32")
 
 
 def _loss() -> dict:
@@ -32,8 +32,10 @@ def _loss() -> dict:
 
 
 def _optimizer() -> dict:
-  return dict(name="momentum", learning_rate=0.1, momentum=0.9, weight_decay=0.0, weight_decay_mode="decoupled",
-              clip_norm=placeholder(float))
+  # initial_momentum (None: constant) ramps linearly to momentum over momentum_ramp_epochs; max_norm: None, or c.
+  return dict(name="momentum", learning_rate=0.1, momentum=0.9, initial_momentum=placeholder(float),
+              momentum_ramp_epochs=0.0, weight_decay=0.0, weight_decay_mode="decoupled",
+              clip_norm=placeholder(float), max_norm=placeholder(float))
 
 
 def _schedule() -> dict:
@@ -97,6 +99,21 @@ def batchnorm_mnist() -> ml_collections.ConfigDict:
       loop=_pick(_loop(), steps=50000, batch_size=60, eval_every=1000, log_every=1000, steps_per_call=...),
       parallel=_pick(_parallel(), num_devices=...),
       study=dict(unit=0, percentile_bn="batch")))
+
+
+def dropout_mnist() -> ml_collections.ConfigDict:
+  """Srivastava et al. 2014, Table 2: permutation-invariant MNIST MLPs with and without dropout and max-norm."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      data=_pick(_data(), dataset="mnist", data_dir=..., download=..., resident=...),
+      model=_pick(_model(), keep_prob=0.5, input_keep_prob=0.8),
+      optimizer=_pick(_optimizer(), learning_rate=0.05, momentum=0.95, initial_momentum=0.5,
+                      momentum_ramp_epochs=10.0, max_norm=2.0),
+      schedule=_pick(_schedule(), decay_rate=0.98),
+      loop=_pick(_loop(), epochs=100.0, batch_size=100, log_every=..., steps_per_call=...),
+      study=dict(rows=("standard_2x800_logistic", "dropout_3x1024_logistic", "dropout_3x1024_relu",
+                       "dropout_3x1024_relu_original", "dropout_maxnorm_3x1024_relu", "control_3x1024_relu"),
+                 seeds=2)))
 
 
 def relu_vs_tanh() -> ml_collections.ConfigDict:
@@ -170,5 +187,5 @@ def transfer() -> ml_collections.ConfigDict:
 
 
 SCHEMAS = {"train": train, "activation_stats": activation_stats, "batchnorm_mnist": batchnorm_mnist,
-           "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder,
+           "dropout_mnist": dropout_mnist, "relu_vs_tanh": relu_vs_tanh, "sweep": sweep, "lr_finder": lr_finder,
            "sanity_checks": sanity_checks, "transfer": transfer}
