@@ -19,10 +19,10 @@ the same command resumes a killed run from its last checkpoint (one per epoch), 
 them when loop.epochs grows. SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit code 75).
 
   python -m experiments.dropout_mnist --config.data.data_dir=/path/to/mnist --workdir=runs/dropout
-  python -m experiments.dropout_mnist --config.data.data_dir=DIR --config.loop.epochs=5 --workdir=runs/short
+  python -m experiments.dropout_mnist --config.data.data_dir=DIR --epochs=5 --workdir=runs/short
 
 Config: experiments/configs/dropout_mnist.py (keys: configs/schema.py); override with --config.group.key=value
-(--config.loop.epochs for short runs). Without MNIST (no IDX files in data.data_dir, no prepared TFDS copy;
+(--epochs=N is shorthand for --config.loop.epochs=N, recorded in config.json like any key). Without MNIST (no IDX files in data.data_dir, no prepared TFDS copy;
 data.download lets TFDS fetch it) the study runs on Fashion-MNIST and says so in its table, log and results.json.
 Writes config.json, results.json, results.csv, table.txt and errors.png to --workdir.
 """
@@ -314,6 +314,12 @@ def main(argv):
   config = CONFIG.value
   workdir = FLAGS.workdir
   try:
+    if FLAGS.epochs is not None:
+      given = any(arg.split("=")[0] in ("--config.loop.epochs", "-config.loop.epochs") for arg in sys.argv[1:])
+      if given and config.loop.epochs != FLAGS.epochs:
+        raise ValueError(f"--epochs={FLAGS.epochs:g} and --config.loop.epochs={config.loop.epochs:g} disagree; "
+                         "give one of them")
+      config.loop.epochs = float(FLAGS.epochs)
     validate(config)
   except (ValueError, TypeError) as e:
     sys.exit(f"error: {e}")
@@ -338,6 +344,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/dropout_mnist", "Output folder; holds one trainer run per row and seed in "
                       "runs/.")
   flags.DEFINE_bool("overwrite", False, "Discard the runs already in --workdir and train every run afresh.")
+  flags.DEFINE_float("epochs", None, "Shorthand for --config.loop.epochs: epochs per run (short runs; a larger "
+                     "value extends finished runs).")
 
 
 def run():

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,8 @@ import pytest
 from dlcore import checkpoint, data
 from experiments import config_lib, dropout_mnist as dm, train_lib
 from experiments.configs import schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(rows, *, epochs=1.0, seeds=1, max_norm=1.0):
@@ -182,3 +186,14 @@ def test_trainer_takes_input_dropout_alone_with_either_mode():
   config.model.update(input_keep_prob=0.8, dropout_mode="original")
   train_lib.validate(config)
   assert train_lib.build_model(config, 10).input_keep_prob == 0.8
+
+
+def test_epochs_flag_is_the_config_key_and_refuses_a_disagreement(tmp_path):
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.dropout_mnist", f"--workdir={tmp_path}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  both = run("--epochs=2", "--config.loop.epochs=3")
+  assert both.returncode != 0 and "--epochs=2 and --config.loop.epochs=3 disagree" in both.stderr
+  zero = run("--epochs=0")  # reaches the config: the trainer's own check names the key
+  assert zero.returncode != 0 and "loop.epochs must be > 0, got 0.0" in zero.stderr, zero.stderr
+  assert not os.listdir(tmp_path)
