@@ -7,6 +7,7 @@ import logging as pylogging
 import math
 import os
 import sys
+import shutil
 import tempfile
 
 from absl import app
@@ -16,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to PNG files
 import matplotlib.pyplot as plt  # noqa: E402
+
+from . import config_lib  # noqa: E402
 
 
 def _umask() -> int:
@@ -176,3 +179,41 @@ class WorkdirLock:
 
 class WorkdirBusy(RuntimeError):
   """Another live run holds the workdir's lock."""
+
+
+def check_study_workdir(workdir: str, config, *, binary: str, resumable_keys, overwrite: bool, what: str) -> None:
+  """Refuses a workdir holding a `what` (e.g. 'sweep') with another config, keys in `resumable_keys` aside
+  (ValueError naming each changed key); `overwrite` clears the workdir instead (its lock file aside)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  if not overwrite:
+    try:
+      old = config_lib.flat(config_lib.load(path, binary))
+    except config_lib.ConfigError as e:
+      raise ValueError(f"--workdir {workdir} holds a config.json that cannot be read ({e}); pass --overwrite") from None
+    new = config_lib.flat(config)
+    diff = sorted(k for k in new if k not in resumable_keys and old[k] != new[k])
+    if diff:
+      changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
+      raise ValueError(f"--workdir {workdir} holds a {what} with a different config ({changes}); pass --overwrite "
+                       "to discard it, or use another --workdir")
+    return
+  for name in os.listdir(workdir):
+    if name != ".lock":
+      target = os.path.join(workdir, name)
+      shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+
+
+def run_study_locked(run, config, workdir: str, *, binary: str, resumable_keys, overwrite: bool, what: str, log):
+  """`run(config, workdir, log=log)` under the workdir's lock, after `check_study_workdir` (a workdir it refuses
+  and this call created is removed again) and writing config.json; returns what `run` returns."""
+  with WorkdirLock(workdir, log=log) as lock:
+    try:
+      check_study_workdir(workdir, config, binary=binary, resumable_keys=resumable_keys, overwrite=overwrite,
+                          what=what)
+    except ValueError:
+      lock.release(remove_workdir=lock.created)
+      raise
+    write_json(os.path.join(workdir, "config.json"), config_lib.to_json_dict(config, binary))
+    return run(config, workdir, log=log)

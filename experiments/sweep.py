@@ -36,7 +36,6 @@ best lies at an edge of the last stage's range, the verdict says which range to 
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -538,29 +537,6 @@ def report(results: dict) -> str:
 # The binary.
 
 
-def check_workdir(workdir: str, config, overwrite: bool) -> None:
-  """Refuses a workdir holding a sweep with another config (unless `overwrite`, which clears it)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  if not overwrite:
-    try:
-      old = config_lib.flat(config_lib.load(path, BINARY))
-    except config_lib.ConfigError as e:
-      raise ValueError(f"--workdir {workdir} holds a config.json that cannot be read ({e}); pass --overwrite") from None
-    new = config_lib.flat(config)
-    diff = sorted(k for k in new if k not in RESUMABLE_KEYS and old[k] != new[k])
-    if diff:
-      changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
-      raise ValueError(f"--workdir {workdir} holds a sweep with a different config ({changes}); pass --overwrite "
-                       "to discard it, or use another --workdir")
-    return
-  for name in os.listdir(workdir):
-    if name != ".lock":
-      target = os.path.join(workdir, name)
-      shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
-
-
 CONFIG = None
 
 
@@ -582,14 +558,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   log = lambda message: print(message, flush=True)
   try:
-    with common.WorkdirLock(FLAGS.workdir, log=log) as lock:
-      try:
-        check_workdir(FLAGS.workdir, config, FLAGS.overwrite)
-      except ValueError:
-        lock.release(remove_workdir=lock.created)
-        raise
-      common.write_json(os.path.join(FLAGS.workdir, "config.json"), config_lib.to_json_dict(config, BINARY))
-      results = run_sweep(config, FLAGS.workdir, log=log)
+    results = common.run_study_locked(run_sweep, config, FLAGS.workdir, binary=BINARY, resumable_keys=RESUMABLE_KEYS,
+                                      overwrite=FLAGS.overwrite, what="sweep", log=log)
   except (ValueError, common.WorkdirBusy) as e:
     sys.exit(f"error: {e}")
   print(report(results))

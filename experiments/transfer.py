@@ -29,7 +29,6 @@ is refused unless --overwrite (which discards every run in --workdir).
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -39,7 +38,7 @@ from dlcore import data, loop
 from . import common, config_lib, train_lib
 from .configs import schema
 
-__all__ = ["BINARY", "EVALS_PER_RUN", "METHODS", "RESUMABLE_KEYS", "check_workdir", "plot_accuracy", "run_study",
+__all__ = ["BINARY", "EVALS_PER_RUN", "METHODS", "RESUMABLE_KEYS", "plot_accuracy", "run_study",
            "source_config", "target_config", "validate"]
 
 BINARY = "transfer"
@@ -125,29 +124,6 @@ def validate(config) -> None:
   train_lib.validate(target_config(config, "scratch", sizes[0], None))
   if "frozen" in s.methods and len(_layers(config)) < 2:
     raise ValueError("study.methods 'frozen' needs a model with layers besides the classifier")
-
-
-def check_workdir(workdir: str, config, overwrite: bool) -> None:
-  """Refuses a workdir holding a study with another config (unless `overwrite`, which clears it)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  if not overwrite:
-    try:
-      old = config_lib.flat(config_lib.load(path, BINARY))
-    except config_lib.ConfigError as e:
-      raise ValueError(f"--workdir {workdir} holds a config.json that cannot be read ({e}); pass --overwrite") from None
-    new = config_lib.flat(config)
-    diff = sorted(k for k in new if k not in RESUMABLE_KEYS and old[k] != new[k])
-    if diff:
-      changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
-      raise ValueError(f"--workdir {workdir} holds a study with a different config ({changes}); pass --overwrite "
-                       "to discard it, or use another --workdir")
-    return
-  for name in os.listdir(workdir):
-    if name != ".lock":
-      target = os.path.join(workdir, name)
-      shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 def _train(tc, run_dir: str, full: data.Dataset, log) -> tuple[dict, float]:
@@ -285,14 +261,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   log = lambda message: print(message, flush=True)
   try:
-    with common.WorkdirLock(FLAGS.workdir, log=log) as lock:
-      try:
-        check_workdir(FLAGS.workdir, config, FLAGS.overwrite)
-      except ValueError:
-        lock.release(remove_workdir=lock.created)
-        raise
-      common.write_json(os.path.join(FLAGS.workdir, "config.json"), config_lib.to_json_dict(config, BINARY))
-      results = run_study(config, FLAGS.workdir, log=log)
+    results = common.run_study_locked(run_study, config, FLAGS.workdir, binary=BINARY, resumable_keys=RESUMABLE_KEYS,
+                                      overwrite=FLAGS.overwrite, what="study", log=log)
   except (ValueError, FileNotFoundError, common.WorkdirBusy) as e:
     sys.exit(f"error: {e}")
   print("\n" + report(results))

@@ -217,10 +217,12 @@ def test_the_binary_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
 def test_a_changed_config_is_refused_unless_overwrite(tmp_path):
   common.write_json(str(tmp_path / "config.json"), config_lib.to_json_dict(_config(), "sweep"))
   (tmp_path / "stages").mkdir()
-  sweep.check_workdir(str(tmp_path), _config(), overwrite=False)  # the same sweep: resumed
+  check = lambda config, overwrite: common.check_study_workdir(
+      str(tmp_path), config, binary="sweep", resumable_keys=sweep.RESUMABLE_KEYS, overwrite=overwrite, what="sweep")
+  check(_config(), False)  # the same sweep: resumed
   changed = _config(top_k=1)
   changed.loop.log_every = 3  # may change on resume
   with pytest.raises(ValueError, match=r"different config \(study.top_k: 2 -> 1\); pass --overwrite"):
-    sweep.check_workdir(str(tmp_path), changed, overwrite=False)
-  sweep.check_workdir(str(tmp_path), changed, overwrite=True)
+    check(changed, False)
+  check(changed, True)
   assert os.listdir(tmp_path) == []
