@@ -41,5 +41,5 @@ class OptionalBuildExt(build_ext):
 
 
 setup(ext_modules=[Extension("dlcore.ops._onednn", ["dlcore/ops/onednn_conv.cc"], libraries=["dnnl"],
-                             extra_compile_args=["-std=c++17", "-O2", "-w"], language="c++")],
+                             extra_compile_args=["-std=c++17", "-O2", "-w"], extra_link_args=["-s"], language="c++")],
       cmdclass={"build_ext": OptionalBuildExt})
