@@ -12,15 +12,18 @@ convolution runs on XLA and the reason is logged once (`onednn_status()` says it
 Transformations: `grad` (a `custom_vjp` whose backward pass is oneDNN's two backward kernels; reverse mode only,
 no `jax.jvp` and no second derivatives), `jit`, and `vmap` (a batching rule per kernel: a vmapped axis of the
 images alone folds into the batch, one of the kernels alone into the output features or the groups, both into
-the groups; never a sequential loop). A sharded `jit` works but gives each device the whole batch (the custom
-call has no partitioning rule yet); `dlcore.parallel`'s bn_stats='local' step runs under `shard_map`, where
-each device convolves its own shard.
+the groups; never a sequential loop). The custom calls have no partitioning rule yet: under a sharded `jit` each
+device would convolve the whole batch, so `dlcore.parallel` and `dlcore.population` trace their sharded steps
+(more than one device) with `use_backend('xla')`, except bn_stats='local', which runs under `shard_map`, where
+each device convolves its own shard with oneDNN.
 """
 
+from collections.abc import Iterator, Sequence
+import contextlib
+import contextvars
 import functools
 import logging
 import os
-from collections.abc import Sequence
 
 import jax
 from jax import lax
@@ -30,20 +33,33 @@ import numpy as np
 from dlcore import checks
 
 __all__ = ["BACKENDS", "ENV_VAR", "backend", "conv_general_dilated", "onednn_available", "onednn_conv",
-           "onednn_status"]
+           "onednn_status", "use_backend"]
 
 ENV_VAR = "DLCORE_CPU_CONV"
 BACKENDS = ("xla", "onednn")
 _TARGET = "dlcore_onednn_conv_{}"
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 _LOG = logging.getLogger(__name__)
+_OVERRIDE = contextvars.ContextVar("dlcore_cpu_conv_override", default=None)
 
 
 def backend() -> str:
-  """The CPU convolution backend asked for: DLCORE_CPU_CONV ('xla' when unset); another value fails naming it."""
-  name = os.environ.get(ENV_VAR, "xla")
+  """The CPU convolution backend asked for: that of an enclosing `use_backend`, else DLCORE_CPU_CONV ('xla' when
+  unset); another value fails naming it."""
+  name = _OVERRIDE.get() or os.environ.get(ENV_VAR, "xla")
   checks.one_of(ENV_VAR, name, BACKENDS)
   return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+  """Convolutions traced inside the block use backend `name` ('xla' or 'onednn'), whatever DLCORE_CPU_CONV says."""
+  checks.one_of("backend", name, BACKENDS)
+  token = _OVERRIDE.set(name)
+  try:
+    yield
+  finally:
+    _OVERRIDE.reset(token)
 
 
 def _preload_libdnnl() -> None:
