@@ -4,7 +4,7 @@
   python tests/parallel_worker.py local_bn OUT      bn_stats='local' vs 'global' vs per-shard steps, 2 devices
   python tests/parallel_worker.py resident OUT      DeviceBatches vs host batches (global and local BN), 4 devices
   python tests/parallel_worker.py population OUT    populations on 4 devices: members over 'pop', and 'pop' x 'data'
-  python tests/parallel_worker.py onednn OUT        DLCORE_CPU_CONV=onednn: 'global' on XLA, 'local' on oneDNN, 8 devices
+  python tests/parallel_worker.py onednn OUT        DLCORE_CPU_CONV=onednn: 'global' on XLA, 'local' oneDNN, 8 devices
   python tests/parallel_worker.py reference OUT     the 8-device single-process run of `multi` -> OUT/reference.npz
   python tests/parallel_worker.py multi OUT PORT NUM_PROCESSES PROCESS_ID
       one of NUM_PROCESSES processes on 127.0.0.1:PORT, each feeding only its slice of every global batch
