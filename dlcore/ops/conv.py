@@ -179,8 +179,7 @@ def _forward_op(strides, padding, groups):
 def _backward_data_op(strides, padding, groups, image_hw):
   @jax.custom_batching.custom_vmap
   def backward_data(dy, w):
-    kh, kw, i, _ = w.shape
-    return _ffi("backward_data", (dy.shape[0],) + image_hw + (i * groups,), dy, w, strides, padding, groups)
+    return _ffi("backward_data", (dy.shape[0],) + image_hw + (w.shape[2] * groups,), dy, w, strides, padding, groups)
 
   @backward_data.def_vmap
   def rule(b, in_batched, dy, w):
