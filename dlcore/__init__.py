@@ -21,6 +21,7 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   embedding                   2-D embeddings of features for pictures: PCA, exact t-SNE
   transfer                    start from another model: re-initialise, freeze, smaller learning rate by layer
   pooling, checks             pooling with CPU-friendly gradients; argument validation
+  ops                         convolution on oneDNN on CPU (DLCORE_CPU_CONV=onednn), on XLA elsewhere
 
 Conventions: images are NHWC; dropout is given as keep_prob (probability of keeping a unit) or, in
 `layers.Dropout`, as flax's rate; model variables are {'params', 'batch_stats'}.
@@ -30,13 +31,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["activations", "checkpoint", "checks", "data", "diagnostics", "embedding", "ensemble", "gradcheck", "initializers",
-           "layers", "loop", "losses", "masks", "models", "optim", "parallel", "pooling", "population",
-           "sanity", "search", "state", "stats", "summaries", "train", "transfer"]
+__all__ = ["activations", "checkpoint", "checks", "data", "diagnostics", "embedding", "ensemble", "gradcheck",
+           "initializers", "layers", "loop", "losses", "masks", "models", "ops", "optim", "parallel", "pooling",
+           "population", "sanity", "search", "state", "stats", "summaries", "train", "transfer"]
 
 if TYPE_CHECKING:
   from dlcore import (activations, checkpoint, checks, data, diagnostics, embedding, ensemble, gradcheck,
-                      initializers, layers, loop, losses, masks, models, optim, parallel, pooling, population,
+                      initializers, layers, loop, losses, masks, models, ops, optim, parallel, pooling, population,
                       sanity, search, state, stats, summaries, train, transfer)
 
 

@@ -27,6 +27,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from dlcore import activations, checks, initializers
+from dlcore.ops import conv as conv_ops
 
 __all__ = ["BATCHNORM_PLACES", "DROPOUT_MODES", "RUNNING_VARS", "BatchNorm", "Conv", "Dense", "Dropout",
            "at_least_float32", "record"]
@@ -224,7 +225,8 @@ class Dense(_Unit):
 class Conv(_Unit):
   """Convolution unit on NHWC images: `features` output channels, `kernel_size` (an int or (kh, kw)), keyword
   `strides` and `padding` as in flax's nn.Conv, then the unit tail (module docstring). The kernel is
-  (kh, kw, c_in, features); fan_in = kh * kw * c_in."""
+  (kh, kw, c_in, features); fan_in = kh * kw * c_in. On CPU the convolution runs on oneDNN when
+  DLCORE_CPU_CONV=onednn (`dlcore.ops.conv`), on XLA otherwise."""
   features: int
   kernel_size: int | Sequence[int] = (3, 3)
   _: dataclasses.KW_ONLY
@@ -236,4 +238,4 @@ class Conv(_Unit):
     bias = self.use_bias and self.batchnorm != "before"
     return nn.Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
                    use_bias=bias, kernel_init=initializers.get(self.initializer, self.init_scale),
-                   dtype=self.dtype, name="linear")(x)
+                   dtype=self.dtype, conv_general_dilated=conv_ops.conv_general_dilated, name="linear")(x)

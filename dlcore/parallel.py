@@ -25,6 +25,7 @@ process_index=jax.process_index(), process_count=jax.process_count())`); `shard_
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any
@@ -36,10 +37,11 @@ import numpy as np
 import optax
 
 from dlcore import checks
+from dlcore.ops import conv as conv_ops
 
 __all__ = ["AXIS", "BN_STATS", "CPU_COMPILER_OPTIONS", "batch_sharding", "check_batch_size", "compile_eval_step",
            "compile_train_step", "compiler_options", "free_bytes", "initialize_distributed", "make_mesh", "replicate",
-           "replicated_sharding", "shard_batch", "to_host"]
+           "replicated_sharding", "shard_batch", "to_host", "unpartitioned_convolutions"]
 
 AXIS = "data"
 BN_STATS = ("global", "local")
@@ -273,6 +275,21 @@ def compiler_options(mesh: Mesh) -> dict | None:
   return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
+def unpartitioned_convolutions(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn`, traced with XLA's convolutions when `mesh` has more than one device: the oneDNN custom calls of
+  `dlcore.ops.conv` have no partitioning rule, so under a sharded `jit` every device would convolve the whole
+  batch. `fn` itself on a one-device mesh."""
+  if mesh.size == 1:
+    return fn
+
+  @functools.wraps(fn)
+  def traced_with_xla_convolutions(*args):
+    with conv_ops.use_backend("xla"):
+      return fn(*args)
+
+  return traced_with_xla_convolutions
+
+
 def compile_train_step(train_step: Callable, mesh: Mesh, state=None, *, bn_stats: str = "global") -> Callable:
   """`jax.jit` of `train_step(state, batch) -> (state, metrics)`: state replicated and donated, batch sharded.
 
@@ -283,7 +300,7 @@ def compile_train_step(train_step: Callable, mesh: Mesh, state=None, *, bn_stats
   checks.one_of("bn_stats", bn_stats, BN_STATS)
   if state is not None:
     _check_model(state, bn_stats)
-  step = train_step if bn_stats == "global" else _local_bn_step(train_step, mesh)
+  step = unpartitioned_convolutions(train_step, mesh) if bn_stats == "global" else _local_bn_step(train_step, mesh)
   rep = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0,
                  compiler_options=compiler_options(mesh))
@@ -293,5 +310,5 @@ def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """`jax.jit` of `eval_step(state, batch) -> sums` with the state replicated, the batch sharded and the sums
   (over the global batch) replicated."""
   rep = replicated_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep,
-                 compiler_options=compiler_options(mesh))
+  return jax.jit(unpartitioned_convolutions(eval_step, mesh), in_shardings=(rep, batch_sharding(mesh)),
+                 out_shardings=rep, compiler_options=compiler_options(mesh))

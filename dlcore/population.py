@@ -266,13 +266,14 @@ def compile_train_step(step: Callable, mesh: Mesh, pop: Population, batch: dict,
                      f"the {min(free) / 2**20:.0f} MiB free: use fewer members or more '{POP_AXIS}' devices")
   members = NamedSharding(mesh, P(POP_AXIS))
   batches = NamedSharding(mesh, P(POP_AXIS, parallel.AXIS) if per_member_batches else P(parallel.AXIS))
-  return jax.jit(step, in_shardings=(members, batches), out_shardings=(members, members), donate_argnums=0,
-                 compiler_options=parallel.compiler_options(mesh))
+  return jax.jit(parallel.unpartitioned_convolutions(step, mesh), in_shardings=(members, batches),
+                 out_shardings=(members, members), donate_argnums=0, compiler_options=parallel.compiler_options(mesh))
 
 
 def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """`jax.jit` of the population's evaluation step with members split over 'pop' and each batch over 'data'."""
   members = NamedSharding(mesh, P(POP_AXIS))
-  return jax.jit(eval_step, in_shardings=(members, NamedSharding(mesh, P(parallel.AXIS))), out_shardings=members,
+  return jax.jit(parallel.unpartitioned_convolutions(eval_step, mesh),
+                 in_shardings=(members, NamedSharding(mesh, P(parallel.AXIS))), out_shardings=members,
                  compiler_options=parallel.compiler_options(mesh))
 

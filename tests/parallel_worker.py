@@ -4,6 +4,7 @@
   python tests/parallel_worker.py local_bn OUT      bn_stats='local' vs 'global' vs per-shard steps, 2 devices
   python tests/parallel_worker.py resident OUT      DeviceBatches vs host batches (global and local BN), 4 devices
   python tests/parallel_worker.py population OUT    populations on 4 devices: members over 'pop', and 'pop' x 'data'
+  python tests/parallel_worker.py onednn OUT        DLCORE_CPU_CONV=onednn: 'global' on XLA, 'local' oneDNN, 8 devices
   python tests/parallel_worker.py reference OUT     the 8-device single-process run of `multi` -> OUT/reference.npz
   python tests/parallel_worker.py multi OUT PORT NUM_PROCESSES PROCESS_ID
       one of NUM_PROCESSES processes on 127.0.0.1:PORT, each feeding only its slice of every global batch
@@ -266,6 +267,37 @@ def _multi_run(put, mesh, **proc):
           **{f"gathered/{k}": v for k, v in gathered.items()}, "local_batch_size": batches.local_batch_size}
 
 
+def onednn(out: str) -> None:
+  """With DLCORE_CPU_CONV=onednn on 8 devices: the 'global' step traces XLA's convolutions (the custom calls have
+  no partitioning rule) and equals the single-device step, which runs on oneDNN; the 'local' step convolves
+  each shard with oneDNN and equals the 'local' step on XLA."""
+  os.environ["DLCORE_CPU_CONV"] = "onednn"
+  import jax
+  from dlcore import models, optim, parallel, state as state_lib, train
+  from dlcore.ops import conv
+  assert jax.device_count() == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((BATCH, 28, 28, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, BATCH).astype(np.int32)}
+  init = state_lib.create(models.get("lenet5", num_classes=10, batchnorm="before"), optim.optimizer("sgd", 0.1),
+                          batch["image"], seed=0)
+  step, mesh = train.make_train_step(), parallel.make_mesh()
+  uses_onednn = lambda fn, *args: "dlcore_onednn_conv" in fn.lower(*args).as_text()
+  single = jax.jit(step)
+  res = {"available": conv.onednn_available(), "single_onednn": uses_onednn(single, init, batch)}
+  new = {"single": single(init, batch)[0]}
+  fresh = lambda: (parallel.replicate(jax.device_put(init, may_alias=False), mesh), parallel.shard_batch(batch, mesh))
+  for mode in ("global", "local"):
+    compiled = parallel.compile_train_step(step, mesh, bn_stats=mode)
+    res[f"{mode}_onednn"] = uses_onednn(compiled, *fresh())
+    new[mode] = compiled(*fresh())[0]
+  with conv.use_backend("xla"):
+    local_xla = parallel.compile_train_step(step, mesh, bn_stats="local")(*fresh())[0]
+  res["global_vs_single"] = _max_diff(new["global"], new["single"])
+  res["local_vs_local_xla"] = _max_diff(new["local"], local_xla)
+  _write(out, "onednn.json", res)
+
+
 def reference(out: str) -> None:
   import jax
   from dlcore import parallel
@@ -290,4 +322,4 @@ def multi(out: str, port: str, num_processes: str, process_id: str) -> None:
 
 if __name__ == "__main__":
   {"equivalence": equivalence, "local_bn": local_bn, "resident": resident, "population": population,
-   "reference": reference, "multi": multi}[sys.argv[1]](*sys.argv[2:])
+   "onednn": onednn, "reference": reference, "multi": multi}[sys.argv[1]](*sys.argv[2:])

@@ -91,6 +91,15 @@ def test_local_batchnorm_uses_per_device_statistics(tmp_path):
   assert res["local_rng_kept"]
 
 
+def test_onednn_convolutions_on_eight_devices(tmp_path):
+  res = _result(tmp_path, 8, "onednn")
+  if not res["available"]:  # tests/test_ops_conv.py fails where the extension is expected
+    pytest.skip("the oneDNN extension is not built")
+  assert res["single_onednn"] and res["local_onednn"] and not res["global_onednn"]
+  assert res["global_vs_single"] < 1e-5  # same global batch, oneDNN on one device vs XLA on eight
+  assert res["local_vs_local_xla"] < 1e-5
+
+
 def test_resident_data_equals_host_batches_on_four_devices(tmp_path):
   res = _result(tmp_path, 4, "resident")
   for bn_stats in parallel.BN_STATS:

@@ -20,7 +20,7 @@ import pytest
 import dlcore
 
 ROOT = pathlib.Path(dlcore.__file__).parent
-PACKAGES = ("data", "models")  # subpackages whose submodules are public modules too
+PACKAGES = ("data", "models", "ops")  # subpackages whose submodules are public modules too
 
 
 def _top_level_names() -> list[str]:
