@@ -32,6 +32,7 @@ step on a resident device batch, and reports the fraction of wall time the host 
 Needs the [bench] extra (torch==2.13.0).
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -56,6 +57,7 @@ from dlcore import models, optim, parallel, train  # noqa: E402
 from dlcore import state as state_lib  # noqa: E402
 from dlcore.data import augment as augment_lib  # noqa: E402
 from dlcore.data import pipeline  # noqa: E402
+from dlcore.ops import conv as conv_ops  # noqa: E402
 from benchmarks import machine_info  # noqa: E402
 
 MODELS = ("mlp", "cifar_convnet", "resnet20")
@@ -87,6 +89,8 @@ flags.DEFINE_string("xla_options", "cpu-default", "Compiler options of the 'dlco
                     f"joined by ';'. 'cpu-default': {CPU_TUNED} on CPU, no tuned runner on GPU; '': none.")
 flags.DEFINE_string("xla_flags", None, "Appended to XLA_FLAGS before the backend starts (affects every runner).")
 flags.DEFINE_bool("torch", True, "Benchmark the PyTorch twins (otherwise dlcore alone).")
+flags.DEFINE_bool("onednn", True, "Conv nets on CPU: also run 'dlcore_onednn', the trainer's build with "
+                  "DLCORE_CPU_CONV=onednn (dlcore.ops.conv), when the extension is built.")
 flags.DEFINE_bool("torch_compile", True, "Also time the PyTorch twin under torch.compile (inductor; needs a C++ "
                   "compiler on CPU). A compile that fails is reported and the runner dropped.")
 flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per framework and model.")
@@ -165,10 +169,12 @@ def tuned_options() -> dict | None:
 class DlcoreRunner:
   """dlcore's jitted train_step on a device-resident batch, compiled ahead of time so compile time is known.
 
-  `compiler_options` go to `Lowered.compile` (per-executable XLA debug options); `augment` names on-device ops.
+  `compiler_options` go to `Lowered.compile` (per-executable XLA debug options); `augment` names on-device ops;
+  `conv_backend` ('xla' / 'onednn', dlcore.ops.conv) is the convolution backend the step is traced with.
   """
 
-  def __init__(self, model: str, batch: dict, *, augment: str = "", compiler_options: dict | None = None):
+  def __init__(self, model: str, batch: dict, *, augment: str = "", compiler_options: dict | None = None,
+               conv_backend: str | None = None):
     self.device = jax_device()
     self.model = build_dlcore(model)
     tx = optim.optimizer("momentum", FLAGS.learning_rate, momentum=0.9)
@@ -181,7 +187,8 @@ class DlcoreRunner:
     step = train.make_train_step(augment=augment_lib.make(augment) if augment else None)
     jitted = jax.jit(step, donate_argnums=0 if FLAGS.donate else ())
     t0 = time.perf_counter()
-    lowered = jitted.lower(self.state, self.batch)
+    with conv_ops.use_backend(conv_backend) if conv_backend else contextlib.nullcontext():
+      lowered = jitted.lower(self.state, self.batch)
     t1 = time.perf_counter()
     self.compiled = lowered.compile(compiler_options=compiler_options)
     self.timings = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
@@ -392,6 +399,7 @@ def load_dlcore_params(net, params: dict) -> None:
   net.load_state_dict(loaded, strict=False)
 
 
+DLCORE_RUNNERS = ("dlcore", "dlcore_tuned", "dlcore_onednn")  # jax.jit; the trainer's build; + oneDNN convolutions
 TORCH_RUNNERS = {"torch": ("nchw", False), "torch_channels_last": ("channels_last", False),
                  "torch_compile": ("channels_last", True)}  # name -> (memory format, torch.compile)
 
@@ -687,6 +695,11 @@ def benchmark_model(model: str, cfg: dict) -> dict:
   options = tuned_options()
   if options:
     runners["dlcore_tuned"] = DlcoreRunner(model, batch, compiler_options=options)
+  if FLAGS.onednn and model != "mlp" and FLAGS.device == "cpu" and FLAGS.dtype == "float32":
+    if conv_ops.onednn_available():
+      runners["dlcore_onednn"] = DlcoreRunner(model, batch, compiler_options=options, conv_backend="onednn")
+    else:
+      print(f"[{model}] no dlcore_onednn runner: {conv_ops.onednn_status()}", flush=True)
   dl = runners["dlcore"]
   out = {"description": describe(model), "input_shape": [bs, *input_shape(model)],
          "param_count": {"dlcore": dl.param_count()}}
@@ -727,11 +740,12 @@ def benchmark_model(model: str, cfg: dict) -> dict:
   torch_names = [n for n in runners if n.startswith("torch")]
   if torch_names:  # the headline: against the fastest PyTorch variant of this run
     out["torch_fastest"] = max(torch_names, key=lambda n: out[n]["images_per_s"]["median"])
-  pairs = [(a, b) for a in ("dlcore", "dlcore_tuned") for b in torch_names] + [("dlcore_tuned", "dlcore")]
+  pairs = [(a, b) for a in DLCORE_RUNNERS for b in torch_names] + [("dlcore_tuned", "dlcore"),
+                                                                     ("dlcore_onednn", "dlcore_tuned")]
   for a, b in pairs:
     if a in runners and b in runners:
       out["ratios"][f"{a}/{b}"] = ratio(timed[a], timed[b], FLAGS.quiet_cpus)
-  for a in ("dlcore", "dlcore_tuned"):
+  for a in DLCORE_RUNNERS:
     if torch_names and a in runners:
       out["ratios"][f"{a}/torch_fastest"] = out["ratios"][f"{a}/{out['torch_fastest']}"]
   for n, r in runners.items():
@@ -802,11 +816,13 @@ def _fmt_ratio(r: dict | None) -> str:
 
 def markdown(result: dict) -> str:
   m, c = result["machine"], result["config"]
-  names = [n for n in ("dlcore", "dlcore_tuned", *TORCH_RUNNERS) if any(n in r for r in result["models"].values())]
-  label = {"dlcore": "dlcore", "dlcore_tuned": "dlcore tuned", "torch": "PyTorch NCHW",
+  names = [n for n in (*DLCORE_RUNNERS, *TORCH_RUNNERS) if any(n in r for r in result["models"].values())]
+  label = {"dlcore": "dlcore", "dlcore_tuned": "dlcore tuned", "dlcore_onednn": "dlcore oneDNN conv",
+           "torch": "PyTorch NCHW",
            "torch_channels_last": "PyTorch channels_last", "torch_compile": "PyTorch compile"}
   build = "dlcore_tuned" if "dlcore_tuned" in names else "dlcore"
   torch_names = [n for n in names if n.startswith("torch")]
+  onednn = "dlcore_onednn" in names
   compile_errors = {k: r["torch_compile_error"] for k, r in result["models"].items() if "torch_compile_error" in r}
   lines = [
       f"# Training throughput: dlcore vs PyTorch ({c['device']}, {c['dtype']})", "",
@@ -823,14 +839,18 @@ def markdown(result: dict) -> str:
       "runners alternate window by window (A B C, C B A, ...). Ratios: median over window pairs [min-max]."
       + (f" 'dlcore tuned' = the same step compiled with `{c['xla_options']}` (what the trainer runs)."
          if c.get("xla_options") else "")
+      + (" 'dlcore oneDNN conv' = the trainer's build with DLCORE_CPU_CONV=onednn (conv nets; dlcore.ops.conv)."
+         if "dlcore_onednn" in names else "")
       + " PyTorch runs eager in NCHW and in channels_last (conv nets; NHWC in memory, its fastest eager layout "
       "for convolutions on CPU) and under `torch.compile` (inductor, channels_last for conv nets); the headline "
       "ratio is against the fastest of them." + (" torch.compile failed here: " + "; ".join(
           f"{k}: {v}" for k, v in compile_errors.items()) + "." if compile_errors else ""), "",
       "| model | params | " + " | ".join(f"{label[n]} img/s" for n in names)
       + f" | **{label[build]} / fastest PyTorch** | " + " | ".join(f"{label[build]} / {label[n]}" for n in torch_names)
-      + (" | tuned / dlcore" if build == "dlcore_tuned" else "") + " | other processes, CPUs (median) |",
-      "|---" * (len(names) + len(torch_names) + 4 + (build == "dlcore_tuned")) + "|"]
+      + (" | tuned / dlcore" if build == "dlcore_tuned" else "")
+      + (" | **oneDNN conv / fastest PyTorch** | oneDNN conv / tuned" if onednn else "")
+      + " | other processes, CPUs (median) |",
+      "|---" * (len(names) + len(torch_names) + 4 + (build == "dlcore_tuned") + 2 * onednn) + "|"]
   for r in result["models"].values():
     q = r["ratios"]
     fastest = label.get(r.get("torch_fastest"), "-")
@@ -839,8 +859,11 @@ def markdown(result: dict) -> str:
                  + f" | {_fmt_ratio(q.get(f'{build}/torch_fastest'))} ({fastest}) | "
                  + " | ".join(_fmt_ratio(q.get(f"{build}/{n}")) for n in torch_names)
                  + (f" | {_fmt_ratio(q.get('dlcore_tuned/dlcore'))}" if build == "dlcore_tuned" else "")
+                 + (f" | {_fmt_ratio(q.get('dlcore_onednn/torch_fastest'))} | "
+                    f"{_fmt_ratio(q.get('dlcore_onednn/dlcore_tuned'))}" if onednn else "")
                  + f" | {r['other_processes_cpus_median']:.2f} |")
-  pairs = [p for p in ("dlcore/torch", "dlcore_tuned/torch", "dlcore_tuned/dlcore", f"{build}/torch_fastest")
+  pairs = [p for p in ("dlcore/torch", "dlcore_tuned/torch", "dlcore_tuned/dlcore", f"{build}/torch_fastest",
+                       "dlcore_onednn/dlcore_tuned")
            if any(p in r["ratios"] for r in result["models"].values())]
   lines += ["", "CPUs this process kept busy (median over windows; PyTorch's OpenMP threads spin while waiting, so "
             "they count as busy) and ratios of images per CPU-second (median over pairs). 'Other processes' is "

@@ -177,7 +177,7 @@ def test_backend_rejects_unknown_names(monkeypatch):
   with pytest.raises(ValueError, match="DLCORE_CPU_CONV.*mkl"):
     conv.backend()
   monkeypatch.delenv(conv.ENV_VAR)
-  assert conv.backend() == "xla"
+  assert conv.backend() == "onednn"  # the default
 
 
 def test_resnet20_trains_as_on_xla(onednn, monkeypatch):
@@ -204,15 +204,14 @@ def test_resnet20_trains_as_on_xla(onednn, monkeypatch):
   np.testing.assert_allclose(onednn_losses, xla_losses, atol=1e-4, rtol=0)
 
 
-def test_layers_conv_uses_onednn_only_when_asked(monkeypatch):
+def test_layers_conv_uses_onednn_by_default_and_xla_when_asked(onednn, monkeypatch):
   unit = layers.Conv(4, 3, strides=2)
   x = jnp.ones((1, 8, 8, 3))
   params = unit.init(jax.random.key(0), x)
   monkeypatch.delenv(conv.ENV_VAR, raising=False)
+  assert "dlcore_onednn" in jax.jit(unit.apply).lower(params, x).as_text()
+  monkeypatch.setenv(conv.ENV_VAR, "xla")
   assert "dlcore_onednn" not in jax.jit(unit.apply).lower(params, x).as_text()
-  if conv.onednn_available():
-    monkeypatch.setenv(conv.ENV_VAR, "onednn")
-    assert "dlcore_onednn" in jax.jit(unit.apply).lower(params, x).as_text()
 
 
 FALLBACK = """
@@ -233,7 +232,8 @@ print("AVAILABLE", conv.onednn_available())
 
 
 def test_missing_extension_falls_back_to_xla_and_says_so_once():
-  env = dict(os.environ, DLCORE_CPU_CONV="onednn", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("DLCORE_CPU_CONV", None)  # the default backend, oneDNN
   out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr

@@ -135,7 +135,8 @@ class DeviceBatches:
     `run` compiles on first use; call this first to keep compile time out of timed work (dlcore.loop.fit does).
     Without an explicit steps_per_call, a step with convolutions on CPU runs one step per call, with no loop:
     XLA:CPU leaves the convolution gradients inside a loop body uncanonicalised, and runs them far slower
-    (benchmarks/README.md); `steps_per_call` and `why` say what was chosen. The executable is shared by every
+    (benchmarks/README.md); oneDNN's convolutions (dlcore.ops.conv) are treated alike, as they have not been
+    measured in loops; `steps_per_call` and `why` say what was chosen. The executable is shared by every
     DeviceBatches with the same step, mesh, K and shapes (e.g. the seeds of a study).
     """
     structure = jax.tree.structure(state)  # static fields (apply_fn, tx) included: another one recompiles
@@ -146,7 +147,7 @@ class DeviceBatches:
       sums = {k: _put(np.zeros(v.shape, v.dtype), NamedSharding(self.mesh, P())) for k, v in metrics.items()}
       lowered = self._lower(step_fn, state, sums, 1)
       if (not self._requested and self._platform == "cpu" and self.steps_per_call > 1
-          and "stablehlo.convolution" in lowered.as_text()):
+          and any(op in lowered.as_text() for op in ("stablehlo.convolution", "dlcore_onednn_conv"))):
         self.steps_per_call, self.why = 1, "a step with convolutions on CPU (XLA:CPU runs them slowly in loops)"
       if self.steps_per_call > 1:
         lowered = self._lower(step_fn, state, sums, self.steps_per_call)

@@ -1,13 +1,14 @@
 """2-D convolution with a oneDNN backend on CPU: `conv_general_dilated` is a drop-in for
 `lax.conv_general_dilated` that `layers.Conv` uses.
 
-Backend: the environment variable DLCORE_CPU_CONV, read when a convolution is traced: 'xla' (the default:
-`lax.conv_general_dilated` everywhere) or 'onednn' (oneDNN's direct forward, backward-data and backward-weights
-kernels, through the C++ extension `dlcore.ops._onednn` that `pip install -e .` builds, as XLA FFI custom calls).
-oneDNN is used for what it covers: the CPU backend, float32 image and kernel, NHWC/HWIO/NHWC, no dilation,
-non-negative padding, batch_group_count 1; anything else (GPU, TPU, bf16, float64 gradient checks) goes to
-`lax.conv_general_dilated`. When 'onednn' is asked for and the extension or libdnnl cannot be loaded, every
-convolution runs on XLA and the reason is logged once (`onednn_status()` says it too).
+Backend: the environment variable DLCORE_CPU_CONV, read when a convolution is traced: 'onednn' (the default:
+oneDNN's direct forward, backward-data and backward-weights kernels, through the C++ extension
+`dlcore.ops._onednn` that `pip install -e .` builds, as XLA FFI custom calls; a whole training step of the conv
+nets is faster than on XLA:CPU, benchmarks/results/throughput_cpu_onednn.md) or 'xla' (`lax.conv_general_dilated`
+everywhere). oneDNN is used for what it covers: the CPU backend, float32 image and kernel, NHWC/HWIO/NHWC, no
+dilation, non-negative padding, batch_group_count 1; anything else (GPU, TPU, bf16, float64 gradient checks) goes
+to `lax.conv_general_dilated`. When the extension or libdnnl cannot be loaded, every convolution on CPU runs on
+XLA and the reason is logged once (`onednn_status()` says it too).
 
 Transformations: `grad` (a `custom_vjp` whose backward pass is oneDNN's two backward kernels; reverse mode only,
 no `jax.jvp` and no second derivatives), `jit`, and `vmap` (a batching rule per kernel: a vmapped axis of the
@@ -44,9 +45,9 @@ _OVERRIDE = contextvars.ContextVar("dlcore_cpu_conv_override", default=None)
 
 
 def backend() -> str:
-  """The CPU convolution backend asked for: that of an enclosing `use_backend`, else DLCORE_CPU_CONV ('xla' when
-  unset); another value fails naming it."""
-  name = _OVERRIDE.get() or os.environ.get(ENV_VAR, "xla")
+  """The CPU convolution backend asked for: that of an enclosing `use_backend`, else DLCORE_CPU_CONV ('onednn'
+  when unset); another value fails naming it."""
+  name = _OVERRIDE.get() or os.environ.get(ENV_VAR, "onednn")
   checks.one_of(ENV_VAR, name, BACKENDS)
   return name
 
@@ -276,11 +277,12 @@ def _onednn_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """`lax.conv_general_dilated` (same arguments), computed by oneDNN when DLCORE_CPU_CONV=onednn, the extension
-  loads and the convolution is one oneDNN covers (module docstring); by `lax.conv_general_dilated` otherwise."""
+  """`lax.conv_general_dilated` (same arguments), computed by oneDNN on CPU when DLCORE_CPU_CONV is 'onednn' (the
+  default), the extension loads and the convolution is one oneDNN covers (module docstring); by
+  `lax.conv_general_dilated` otherwise."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
           batch_group_count, precision, preferred_element_type)
-  if backend() == "onednn":
+  if backend() == "onednn" and jax.default_backend() == "cpu":
     if not onednn_available():
       _warn_unavailable(onednn_status())
     else:
