@@ -32,7 +32,6 @@ step on a resident device batch, and reports the fraction of wall time the host 
 Needs the [bench] extra (torch==2.13.0).
 """
 
-import contextlib
 import copy
 import functools
 import json
@@ -170,11 +169,12 @@ class DlcoreRunner:
   """dlcore's jitted train_step on a device-resident batch, compiled ahead of time so compile time is known.
 
   `compiler_options` go to `Lowered.compile` (per-executable XLA debug options); `augment` names on-device ops;
-  `conv_backend` ('xla' / 'onednn', dlcore.ops.conv) is the convolution backend the step is traced with.
+  `conv_backend` ('xla' / 'onednn', dlcore.ops.conv) is the convolution backend the step is traced with: XLA's
+  unless a runner asks for oneDNN, so 'dlcore' and 'dlcore_tuned' keep measuring XLA's convolutions.
   """
 
   def __init__(self, model: str, batch: dict, *, augment: str = "", compiler_options: dict | None = None,
-               conv_backend: str | None = None):
+               conv_backend: str = "xla"):
     self.device = jax_device()
     self.model = build_dlcore(model)
     tx = optim.optimizer("momentum", FLAGS.learning_rate, momentum=0.9)
@@ -187,7 +187,7 @@ class DlcoreRunner:
     step = train.make_train_step(augment=augment_lib.make(augment) if augment else None)
     jitted = jax.jit(step, donate_argnums=0 if FLAGS.donate else ())
     t0 = time.perf_counter()
-    with conv_ops.use_backend(conv_backend) if conv_backend else contextlib.nullcontext():
+    with conv_ops.use_backend(conv_backend):
       lowered = jitted.lower(self.state, self.batch)
     t1 = time.perf_counter()
     self.compiled = lowered.compile(compiler_options=compiler_options)
@@ -839,7 +839,8 @@ def markdown(result: dict) -> str:
       "runners alternate window by window (A B C, C B A, ...). Ratios: median over window pairs [min-max]."
       + (f" 'dlcore tuned' = the same step compiled with `{c['xla_options']}` (what the trainer runs)."
          if c.get("xla_options") else "")
-      + (" 'dlcore oneDNN conv' = the trainer's build with DLCORE_CPU_CONV=onednn (conv nets; dlcore.ops.conv)."
+      + (" 'dlcore oneDNN conv' = the trainer's build with oneDNN convolutions (conv nets; dlcore.ops.conv, the default "
+         "since this runner was added); the other dlcore runners use XLA's (DLCORE_CPU_CONV=xla)."
          if "dlcore_onednn" in names else "")
       + " PyTorch runs eager in NCHW and in channels_last (conv nets; NHWC in memory, its fastest eager layout "
       "for convolutions on CPU) and under `torch.compile` (inductor, channels_last for conv nets); the headline "

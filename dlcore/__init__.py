@@ -21,7 +21,7 @@ The public modules, each with its names in `__all__`; they load on first use (`d
   embedding                   2-D embeddings of features for pictures: PCA, exact t-SNE
   transfer                    start from another model: re-initialise, freeze, smaller learning rate by layer
   pooling, checks             pooling with CPU-friendly gradients; argument validation
-  ops                         convolution on oneDNN on CPU (DLCORE_CPU_CONV=onednn), on XLA elsewhere
+  ops                         convolution on oneDNN on CPU (default; DLCORE_CPU_CONV=xla), on XLA elsewhere
 
 Conventions: images are NHWC; dropout is given as keep_prob (probability of keeping a unit) or, in
 `layers.Dropout`, as flax's rate; model variables are {'params', 'batch_stats'}.

@@ -225,8 +225,8 @@ class Dense(_Unit):
 class Conv(_Unit):
   """Convolution unit on NHWC images: `features` output channels, `kernel_size` (an int or (kh, kw)), keyword
   `strides` and `padding` as in flax's nn.Conv, then the unit tail (module docstring). The kernel is
-  (kh, kw, c_in, features); fan_in = kh * kw * c_in. On CPU the convolution runs on oneDNN when
-  DLCORE_CPU_CONV=onednn (`dlcore.ops.conv`), on XLA otherwise."""
+  (kh, kw, c_in, features); fan_in = kh * kw * c_in. On CPU the convolution runs on oneDNN (`dlcore.ops.conv`;
+  DLCORE_CPU_CONV=onednn, the default), on XLA with DLCORE_CPU_CONV=xla and elsewhere."""
   features: int
   kernel_size: int | Sequence[int] = (3, 3)
   _: dataclasses.KW_ONLY
