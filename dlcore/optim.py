@@ -45,8 +45,7 @@ import optax
 from dlcore import checks, masks
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_MODES", "DecoupledDecayState", "LearningRate", "Momentum",
-           "ScheduledTraceState", "max_norm_constraint", "momentum_ramp", "optimizer", "schedule", "schedule_params",
-           "sgdr_cycle_ends"]
+           "max_norm_constraint", "momentum_ramp", "optimizer", "schedule", "schedule_params", "sgdr_cycle_ends"]
 
 LearningRate = float | optax.Schedule
 Momentum = float | optax.Schedule
@@ -78,30 +77,11 @@ def _decoupled_weight_decay(learning_rate: LearningRate, weight_decay: float) ->
   return optax.GradientTransformation(init, update)
 
 
-class ScheduledTraceState(NamedTuple):
-  """Optimiser state of momentum with a momentum schedule: the update count (the schedule's step) and velocity."""
-  count: jax.Array
-  trace: Any
-
-
-def _scheduled_trace(decay: optax.Schedule, nesterov: bool) -> optax.GradientTransformation:
-  """optax.trace with decay mu_t = decay(count): t = mu_t * t + u, update t (or u + mu_t * t with nesterov)."""
-  def init(params):
-    return ScheduledTraceState(count=jnp.zeros([], jnp.int32), trace=jax.tree.map(jnp.zeros_like, params))
-
-  def update(updates, state, params=None):
-    del params
-    mu = decay(state.count)
-    step = lambda u, t: u + jnp.asarray(mu, t.dtype) * t
-    trace = jax.tree.map(step, updates, state.trace)
-    out = jax.tree.map(step, updates, trace) if nesterov else trace
-    return out, ScheduledTraceState(count=optax.safe_increment(state.count), trace=trace)
-
-  return optax.GradientTransformation(init, update)
-
-
 def _trace(mu: Momentum, nesterov: bool = False) -> optax.GradientTransformation:
-  return _scheduled_trace(mu, nesterov) if callable(mu) else optax.trace(decay=mu, nesterov=nesterov)
+  """optax.trace with decay mu, or mu_t = mu(step) for a schedule (optax.inject_hyperparams)."""
+  if callable(mu):
+    return optax.inject_hyperparams(optax.trace, static_args="nesterov")(decay=mu, nesterov=nesterov)
+  return optax.trace(decay=mu, nesterov=nesterov)
 
 
 def max_norm_constraint(c: float) -> optax.GradientTransformation:
