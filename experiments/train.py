@@ -81,12 +81,6 @@ def _resource_cause(error: Exception) -> str | None:
   return next((cause for cause in _RESOURCE_ERRORS if cause in text), None)
 
 
-def _last_checkpoint(workdir: str) -> int | None:
-  folder = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-  return max(steps, default=None)
-
-
 def main(argv):
   del argv
   common.quiet_logs()
@@ -142,7 +136,8 @@ def main(argv):
       raise
     # A full disk or a file-size limit (TensorStore reports them as ValueErrors): one line, with how to go on.
     # Exit at once: orbax's failed background writers would otherwise print tracebacks while Python shuts down.
-    print(f"error: {cause} while writing to {workdir}; last good checkpoint: step {_last_checkpoint(workdir)}; "
+    print(f"error: {cause} while writing to {workdir}; last good checkpoint: step "
+          f"{train_lib.last_checkpoint(workdir)}; "
           "free space (or raise the limit) and re-run the same command to resume", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -31,9 +31,9 @@ from . import common, config_lib
 from .configs import schema
 
 __all__ = ["BINARY", "LENGTH_KEYS", "MODEL_KEYS", "RESUMABLE_KEYS", "Interrupted", "build_model", "build_state",
-           "check_workdir", "layer_names", "learning_rate_schedule", "load_dataset", "make_train_step",
-           "momentum_schedule", "num_classes", "plan_steps", "train_and_evaluate", "training_source",
-           "transfer_start", "validate", "validate_transfer"]
+           "check_workdir", "last_checkpoint", "layer_names", "learning_rate_schedule", "load_dataset",
+           "make_train_step", "momentum_schedule", "num_classes", "plan_steps", "train_and_evaluate",
+           "training_source", "transfer_start", "validate", "validate_transfer"]
 
 BINARY = "train"
 # Keys that may differ when a run is resumed: they change where or how often, not what is computed.
@@ -115,8 +115,12 @@ def _layer_params(config):
                                              train=False), sample)["params"]
 
 
-def _has_checkpoint(directory: str) -> bool:
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+def last_checkpoint(workdir: str) -> int | None:
+  """The step of the newest checkpoint folder in WORKDIR/checkpoints (None when there is none), read from the
+  folder names without opening anything (a run that failed may hold a broken one)."""
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=None)
 
 
 def validate_transfer(config) -> None:
@@ -135,7 +139,7 @@ def validate_transfer(config) -> None:
   for name in ("config.json", "results.json"):
     if not os.path.isfile(os.path.join(source, name)):
       raise ValueError(f"transfer.init_from: {source} holds no {name}; give a finished trainer run's --workdir")
-  if not _has_checkpoint(os.path.join(source, "checkpoints")):
+  if last_checkpoint(source) is None:
     raise ValueError(f"transfer.init_from: {source} holds no checkpoint in checkpoints/")
   try:
     label_tree = transfer.labels(_layer_params(config), reinit=tuple(t.reinit), freeze=tuple(t.freeze))
@@ -480,7 +484,7 @@ def train_and_evaluate(config, workdir: str, *, dataset: data.Dataset | None = N
 
   sample = train_batches.batch_at(0)["image"]
   state = build_state(config, dataset, sample)
-  if config.transfer.init_from is not None and not _has_checkpoint(os.path.join(workdir, "checkpoints")):
+  if config.transfer.init_from is not None and last_checkpoint(workdir) is None:
     state = transfer_start(config, state, log)  # a resumed run restores its own checkpoint instead
   layer_acts = None
   if config.loop.diagnostics:
