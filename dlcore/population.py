@@ -181,18 +181,27 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
   return population_step
 
 
-def make_eval_step(loss: str = "cross_entropy") -> Callable:
+def make_eval_step(loss: str = "cross_entropy", *, vectorize: bool = True) -> Callable:
   """The population's evaluation step `(population, batch) -> sums {name: [K]}`: dlcore.train's eval step (running
   statistics, no dropout, mask-weighted sums) for every member on one shared batch, with each member's own label
   smoothing in the cross-entropy; `dlcore.train.summarize` of member k's slice of the summed sums gives its loss
-  and accuracy."""
+  and accuracy. vectorize: as in `make_train_step` (False: members one after another, for conv nets on CPU)."""
   losses.get(loss)
 
   def member_eval(state, hp, batch):
     kwargs = {"label_smoothing": hp["label_smoothing"]} if loss == "cross_entropy" else {}
     return train.make_eval_step(loss, **kwargs)(state, batch)
 
-  return lambda pop, batch: jax.vmap(member_eval, in_axes=(0, 0, None))(pop.state, pop.hparams, batch)
+  evaluate_members = jax.vmap(member_eval, in_axes=(0, 0, None))
+
+  def eval_step(pop: Population, batch: dict) -> dict:
+    if vectorize:
+      return evaluate_members(pop.state, pop.hparams, batch)
+    outs = [evaluate_members(*jax.tree.map(lambda x: x[k:k + 1], (pop.state, pop.hparams)), batch)
+            for k in range(pop.size)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+  return eval_step
 
 
 def evaluate(pop: Population, eval_step: Callable, batches) -> list[dict[str, float]]:

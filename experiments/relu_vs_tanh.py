@@ -321,10 +321,10 @@ def train_round(study: dict, activation: str, rates: list[float], run_dir: str, 
   start = time.perf_counter()
   pop = create_population(study, activation, members, orders[members[0][1]].batch_at(0)["image"],
                           dataset.num_classes)
-  # On CPU a vmapped convolution is a grouped convolution, much slower than the members one after another
-  step_fn = jax.jit(population.make_train_step(per_member_batches=True,
-                                               vectorize=jax.default_backend() != "cpu"), donate_argnums=0)
-  eval_fn = jax.jit(population.make_eval_step())
+  # On CPU a vmapped convolution is a grouped convolution, slower than the members one after another
+  vectorize = jax.default_backend() != "cpu"
+  step_fn = jax.jit(population.make_train_step(per_member_batches=True, vectorize=vectorize), donate_argnums=0)
+  eval_fn = jax.jit(population.make_eval_step(vectorize=vectorize))
   eval_batches = data.EvalBatches(dataset.train, batch_size)
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1, keep_best=False,
                                  best_metric="train_error", best_mode="min")

@@ -81,13 +81,14 @@ def test_member_k_equals_a_single_run_with_its_hyperparameters(per_member, sched
   assert bool(np.all(pop.active)) and list(np.asarray(pop.diverged_at)) == [-1, -1, -1]
 
 
-def test_the_eval_step_gives_each_member_its_single_runs_sums():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_eval_step_gives_each_member_its_single_runs_sums(vectorize):
   batches = pipeline.TrainBatches(_data(), BATCH, seed=5)
   pop, step = _population(False, False)
   for i in range(2):
     pop, _ = step(pop, batches.batch_at(i))
   batch = {**batches.batch_at(3), "mask": np.r_[np.ones(BATCH - 3), np.zeros(3)].astype(np.float32)}
-  sums = jax.jit(population.make_eval_step())(pop, batch)
+  sums = jax.jit(population.make_eval_step(vectorize=vectorize))(pop, batch)
   for k in range(3):
     single = train.make_eval_step(label_smoothing=MEMBERS["label_smoothing"][k])(population.member(pop, k), batch)
     for name in ("loss_sum", "correct", "count"):
