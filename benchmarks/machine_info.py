@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on: CPU model and ISA, usable cores, memory, load settings, library versions."""
+"""The machine a benchmark ran on: CPU model and ISA, usable cores, memory, load settings, library versions; and
+what every benchmark shares: alternating timed windows, writing results."""
 
 import json
 import os
@@ -6,7 +7,7 @@ import platform
 
 import jax
 
-__all__ = ["describe", "loadavg", "write_results"]
+__all__ = ["alternate", "describe", "loadavg", "write_results"]
 
 
 def describe() -> dict:
@@ -61,3 +62,13 @@ def write_results(out_dir: str, tag: str, result: dict, table: str) -> None:
     with open(os.path.join(out_dir, f"{tag}.{ext}"), "w") as f:
       f.write(text)
   print(f"wrote {os.path.join(out_dir, tag)}.json and .md")
+
+
+def alternate(runners: dict, windows: int) -> dict[str, list]:
+  """What each runner (a callable timing one window) returns per window, the runners in the order A B C, C B A,
+  ... so that noise hits all of them."""
+  names, out = list(runners), {n: [] for n in runners}
+  for w in range(windows):
+    for n in (names if w % 2 == 0 else names[::-1]):
+      out[n].append(runners[n]())
+  return out

@@ -112,10 +112,7 @@ def bench(case: str, k: int, mesh) -> dict:
   modes = ("population", "sequential", "sequential_host")
   for mode in modes:  # compile and warm up
     run(mode, members=1)
-  seconds = {mode: [] for mode in modes}
-  for w in range(FLAGS.windows):
-    for mode in (modes if w % 2 == 0 else modes[::-1]):
-      seconds[mode].append(run(mode))
+  seconds = machine_info.alternate({mode: (lambda mode=mode: run(mode)) for mode in modes}, FLAGS.windows)
   member_steps = k * steps
   out = {"k": k, "batch_size": batch_size, "steps": steps,
          "population": _rates([member_steps / s for s in seconds["population"]]),
@@ -174,12 +171,9 @@ def matmuls(case: str, k: int) -> dict:
       ("weight gradient", "wide"): (transposed, (x, d_wide), 1),
       ("hidden forward", "single"): (jnp.matmul, (hk[0], wh[0]), k),
       ("hidden forward", "batched"): (batched, (hk, wh), 1)}
-  timers = {key: (_repeated(fn, *args), calls) for key, (fn, args, calls) in forms.items()}
-  seconds = {key: [] for key in forms}
-  for window in range(max(FLAGS.windows, 3)):
-    for key in (list(timers) if window % 2 == 0 else list(timers)[::-1]):
-      timer, calls = timers[key]
-      seconds[key].append(calls * timer())
+  timers = {key: (lambda timer=_repeated(fn, *args), calls=calls: calls * timer())
+            for key, (fn, args, calls) in forms.items()}
+  seconds = machine_info.alternate(timers, max(FLAGS.windows, 3))
   flops = {"forward": 2 * n * i * o * k, "weight gradient": 2 * n * i * o * k, "hidden forward": 2 * n * o * h * k}
   dense = list(zip((i, *options["hidden"]), (*options["hidden"], 10)))
   out = {"k": k, "shapes": {"batch": n, "input": i, "first": o, "second": h},

@@ -87,15 +87,6 @@ def pair_ratios(a: list[float], b: list[float]) -> dict:
   return median_range([x / y for x, y in zip(a, b)])
 
 
-def alternate(runners: dict, windows: int) -> dict[str, list[float]]:
-  """Seconds per window of each runner (a callable running one window), in the order A B C, C B A, ..."""
-  names, out = list(runners), {n: [] for n in runners}
-  for w in range(windows):
-    for n in (names if w % 2 == 0 else names[::-1]):
-      out[n].append(runners[n]())
-  return out
-
-
 def matmul_peak_gflops(device) -> float:
   """Best-of-5 float32 GFLOP/s of an n x n matmul (n = 2048 on CPU, 8192 on GPU)."""
   n = 8192 if device.platform == "gpu" else 2048
@@ -154,7 +145,7 @@ def bench_paths(case: str, mesh, windows: int, window_s: float) -> dict:
   per_step = {name: fit(src, max(ks)) / max(ks) for name, src in sources.items()}  # compiles; a first estimate
   per_step = {name: fit(src, 2 * max(ks)) / (2 * max(ks)) for name, src in sources.items()}
   steps = max(FLAGS.min_steps, round(window_s / per_step["host"]))
-  seconds = alternate({name: (lambda src=src: fit(src, steps)) for name, src in sources.items()}, windows)
+  seconds = machine_info.alternate({name: (lambda src=src: fit(src, steps)) for name, src in sources.items()}, windows)
   rates = {name: [steps / s for s in secs] for name, secs in seconds.items()}
 
   host_ms = 1e3 * statistics.median(
@@ -231,7 +222,7 @@ def bench_breakdown(case: str, windows: int) -> dict:
   }
   for run in parts.values():
     run()
-  seconds = alternate(parts, windows)
+  seconds = machine_info.alternate(parts, windows)
   out = {"steps_per_call": k, "batch_size": batch_size, "matmul_flops_per_step": float(sum(2 * m * kk * nn
                                                                                           for m, kk, nn in dots)),
          "parts": {name: {"ms_per_step": median_range([1e3 * s / k for s in secs])} for name, secs in seconds.items()}}
@@ -283,7 +274,7 @@ def bench_features(case: str, mesh, windows: int, window_s: float) -> dict:
     runners[name] = run
   per_step = _timed(lambda: runners["plain"](10)) / 10
   steps = max(5, round(window_s / per_step))
-  seconds = alternate({n: (lambda r=r: r(steps)) for n, r in runners.items()}, windows)
+  seconds = machine_info.alternate({n: (lambda r=r: r(steps)) for n, r in runners.items()}, windows)
   out = {"batch_size": batch_size, "steps_per_window": steps, "variants": {}}
   for name in variants:
     ms = [1e3 * s / steps for s in seconds[name]]
