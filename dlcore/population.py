@@ -166,12 +166,7 @@ def make_train_step(*, loss: str = "cross_entropy", penalty: str = "none", l1_ra
     if not per_member_batches:  # every member gets the batch: each dot is then batched on both operands, which
       # XLA:CPU runs faster than a dot batched only in its weights (benchmarks/results/population_cpu.md)
       batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (pop.size, *x.shape)), batch)
-    if vectorize:
-      new, metrics = jax.vmap(one)(pop.state, pop.hparams, batch)
-    else:  # each member a vmap of one: the same program per member, with no grouped convolutions
-      outs = [jax.vmap(one)(*jax.tree.map(lambda x: x[k:k + 1], (pop.state, pop.hparams, batch)))
-              for k in range(pop.size)]
-      new, metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+    new, metrics = _over_members(jax.vmap(one), (pop.state, pop.hparams, batch), (), pop.size, vectorize)
     finite = jnp.isfinite(metrics["loss"]) & jax.vmap(_all_finite)((new.params, new.batch_stats))
     keep = pop.active & finite
     state = jax.tree.map(lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, pop.state)
@@ -193,15 +188,16 @@ def make_eval_step(loss: str = "cross_entropy", *, vectorize: bool = True) -> Ca
     return train.make_eval_step(loss, **kwargs)(state, batch)
 
   evaluate_members = jax.vmap(member_eval, in_axes=(0, 0, None))
+  return lambda pop, batch: _over_members(evaluate_members, (pop.state, pop.hparams), (batch,), pop.size, vectorize)
 
-  def eval_step(pop: Population, batch: dict) -> dict:
-    if vectorize:
-      return evaluate_members(pop.state, pop.hparams, batch)
-    outs = [evaluate_members(*jax.tree.map(lambda x: x[k:k + 1], (pop.state, pop.hparams)), batch)
-            for k in range(pop.size)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
-  return eval_step
+def _over_members(fn: Callable, members: tuple, shared: tuple, size: int, vectorize: bool):
+  """`fn(*members, *shared)`, fn vmapped over the leading [K] axis of `members`: all K at once, or (vectorize=False)
+  each member a vmap of one, the same program per member (no grouped convolutions), results concatenated."""
+  if vectorize:
+    return fn(*members, *shared)
+  outs = [fn(*jax.tree.map(lambda x: x[k:k + 1], members), *shared) for k in range(size)]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
 def evaluate(pop: Population, eval_step: Callable, batches) -> list[dict[str, float]]:
